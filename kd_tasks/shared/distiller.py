@@ -237,13 +237,13 @@ class Distiller(nn.Module):
         return unwrap_model(self.student)
 
     @torch.no_grad()
-    def prepare(self, inputs: Any, teacher_inputs: Any = None) -> "Distiller":
+    def prepare(self, inputs: Any, target: Any = None, teacher_inputs: Any = None, **extra: Any) -> "Distiller":
         """Run one batch to build lazy connectors/losses; build the optimiser after this."""
         was_training = self.training
         self.eval()
         try:
-            self._compute(inputs, None, teacher_inputs=teacher_inputs, teacher_outputs=None, index=None,
-                          extra={}, force_all=True)
+            self._compute(inputs, target, teacher_inputs=teacher_inputs, teacher_outputs=None, index=None,
+                          extra=extra, force_all=True)
         finally:
             self.train(was_training)
         return self
@@ -320,6 +320,8 @@ class Distiller(nn.Module):
                 s_val = self._connect(term, s_val, t_val)
             kwargs = {k: v for k, v in extra.items() if _accepts(term.loss, k)}
             if getattr(term.loss, "needs_target", False):
+                if target is None and force_all and term.name not in self.connectors:
+                    continue  # prepare() without labels: nothing to build for this term
                 if target is None:
                     raise KDConfigError(f"term {term.name!r} ({type(term.loss).__name__}) needs target labels")
                 kwargs["target"] = target

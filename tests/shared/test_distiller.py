@@ -215,3 +215,31 @@ def test_weight_schedules():
         seen.append(d.weights()["kd"])
         d(x)
     assert seen == [0.0, 0.25, 0.5]
+
+
+def test_user_loss_plugs_in_by_name():
+    from kd_tasks.shared.registry import LOSSES
+
+    @LOSSES.register("test_l1_logits")
+    class L1Logits(nn.Module):
+        def forward(self, s, t):
+            return (s - t).abs().mean()
+
+    student, teacher = cnn(4), cnn(8)
+    d = Distiller(student, teacher, terms=[{"name": "l1", "loss": "test_l1_logits"}]).eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = (student(x) - teacher(x)).abs().mean()
+    assert torch.allclose(d(x)["l1"], ref)
+
+
+def test_works_on_a_wrapped_student():
+    student, teacher = cnn(4), cnn(8)
+    wrapped = nn.DataParallel(student)
+    d = Distiller(wrapped, teacher, terms=[{"name": "h", "loss": "mse", "student": "module.0", "teacher": "0",
+                                            "connector": "conv1x1"}])
+    d.prepare(torch.randn(2, 3, 8, 8))
+    out = d.train()(torch.randn(2, 3, 8, 8))
+    out["loss"].backward()
+    assert student[0][0].weight.grad is not None
+    assert d.export_model() is student

@@ -1,0 +1,115 @@
+"""What the Distiller adds to a KD step, measured as ratios in one run.
+
+floor = student train step (forward + backward + SGD) + teacher forward under ``torch.no_grad``,
+each timed alone on the same batch. Then, per variant, the median time of a full Distiller step over
+the floor:
+
+* ``kd``            Hinton KD on logits (+ CE), the classic recipe;
+* ``kd+at``         plus an attention-transfer term on a tapped layer (forward hooks);
+* ``at only``       a feature term alone: the teacher forward stops after its last tapped module;
+* ``cached``        Hinton KD with the teacher's logits given precomputed (teacher-output cache).
+
+Run:  .venv/bin/python benchmarks/kd_step_overhead.py [--teacher resnet50 --student resnet18 --batch 32 --size 96]
+Timings are medians over interleaved repetitions; the machine's other load adds noise, so compare
+ratios from one run, not absolute times across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from kd_tasks.shared import Distiller
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="resnet50")
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    teacher = getattr(torchvision.models, a.teacher)(num_classes=10).eval().requires_grad_(False)
+    student = getattr(torchvision.models, a.student)(num_classes=10)
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    y = torch.randint(0, 10, (a.batch,))
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
+
+    def student_step():
+        student.train()
+        loss = F.cross_entropy(student(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def teacher_fwd():
+        with torch.no_grad():
+            teacher(x)
+
+    with torch.no_grad():
+        cached = {"output": teacher(x)}
+
+    variants = {
+        "kd": Distiller(student, teacher, terms=[{"name": "kd", "loss": {"type": "kd", "temperature": 4}}],
+                        task_loss=torch.nn.CrossEntropyLoss()),
+        "kd+at": Distiller(student, teacher, terms=[{"name": "kd", "loss": {"type": "kd", "temperature": 4}},
+                                                    {"name": "at", "loss": "at", "student": "layer3", "teacher": "layer3"}],
+                           task_loss=torch.nn.CrossEntropyLoss()),
+        "at only (teacher stops at layer2)": Distiller(
+            student, teacher, terms=[{"name": "at", "loss": "at", "student": "layer2", "teacher": "layer2"}],
+            task_loss=torch.nn.CrossEntropyLoss()),
+        "kd, cached teacher logits": Distiller(student, None, terms=[{"name": "kd", "loss": {"type": "kd", "temperature": 4}}],
+                                               task_loss=torch.nn.CrossEntropyLoss()),
+    }
+
+    def kd_step(d, **kw):
+        def step():
+            d.train()
+            loss = d(x, y, **kw)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    steps = {name: kd_step(d, **({"teacher_outputs": cached} if "cached" in name else {})) for name, d in variants.items()}
+    # warm-up
+    for fn in (student_step, teacher_fwd, *steps.values()):
+        fn()
+    samples: dict[str, list[float]] = {"student step": [], "teacher forward": [], **{k: [] for k in steps}}
+    for _ in range(a.reps):  # interleave so drifting load hits every variant alike
+        samples["student step"] += timed(student_step, 1)
+        samples["teacher forward"] += timed(teacher_fwd, 1)
+        for name, fn in steps.items():
+            samples[name] += timed(fn, 1)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    floor = med["student step"] + med["teacher forward"]
+    print(f"{a.teacher} -> {a.student}, batch {a.batch} of {a.size}x{a.size}, {a.threads} threads, "
+          f"medians of {a.reps}")
+    print(f"{'':40}{'seconds':>9}{'/ floor':>9}")
+    print(f"{'student step':40}{med['student step']:9.3f}")
+    print(f"{'teacher forward (no_grad)':40}{med['teacher forward']:9.3f}")
+    print(f"{'floor = student step + teacher forward':40}{floor:9.3f}{1.0:9.3f}")
+    for name in steps:
+        print(f"{'distiller step: ' + name:40}{med[name]:9.3f}{med[name] / floor:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
