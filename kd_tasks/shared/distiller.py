@@ -237,12 +237,19 @@ class Distiller(nn.Module):
         return unwrap_model(self.student)
 
     @torch.no_grad()
-    def prepare(self, inputs: Any, target: Any = None, teacher_inputs: Any = None, **extra: Any) -> "Distiller":
-        """Run one batch to build lazy connectors/losses; build the optimiser after this."""
+    def prepare(self, inputs: Any, target: Any = None, teacher_inputs: Any = None, index: Any = None,
+                **extra: Any) -> "Distiller":
+        """Run one batch in eval mode to build lazy connectors/losses; build the optimiser after this.
+
+        Losses change no state in eval mode (CRD's memory bank included), so this step is side-effect free.
+        """
         was_training = self.training
         self.eval()
         try:
-            self._compute(inputs, target, teacher_inputs=teacher_inputs, teacher_outputs=None, index=None,
+            if index is None and any(getattr(t.loss, "needs_index", False) for t in self.terms):
+                batch = self.logits_fn(call_model(self.student, inputs)).shape[0]
+                index = torch.zeros(batch, dtype=torch.long)
+            self._compute(inputs, target, teacher_inputs=teacher_inputs, teacher_outputs=None, index=index,
                           extra=extra, force_all=True)
         finally:
             self.train(was_training)

@@ -243,3 +243,23 @@ def test_works_on_a_wrapped_student():
     out["loss"].backward()
     assert student[0][0].weight.grad is not None
     assert d.export_model() is student
+
+
+def test_crd_term_prepares_and_trains_with_indices():
+    torch.manual_seed(0)
+    student, teacher = cnn(4), cnn(8)
+    d = Distiller(student, teacher, terms=[
+        {"name": "crd", "loss": {"type": "crd", "num_data": 32, "num_negatives": 8, "embed_dim": 8},
+         "student": "1.2@input", "teacher": "1.2@input"}])
+    x = torch.randn(32, 3, 8, 8)
+    d.prepare(x[:4])
+    opt = torch.optim.Adam(d.trainable_parameters(), lr=1e-2)
+    d.train()
+    idx = torch.arange(8)
+    out = d(x[idx], index=idx)
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    assert torch.isfinite(out["crd"]) and student[0][0].weight.grad is not None
+    with pytest.raises(KDConfigError, match="index"):
+        d(x[idx])

@@ -4,7 +4,7 @@
 family         registry names
 =============  ====================================================================================
 logit          kd (hinton), dkd, dist, logit_mse, sigmoid_kd (bce_kd)
-feature        feature (mse, l1, cosine), fitnet (hint), at (attention_transfer), fsp
+feature        feature (mse, l1, smooth_l1, cosine), fitnet (hint), at (attention_transfer), fsp
 channel        cwd (channel_wise)
 relational     rkd, sp (similarity_preserving), pkt, cc (correlation_congruence), irg, crd
 attention      attention-map and MiniLM / MiniLMv2 relation losses for transformers
