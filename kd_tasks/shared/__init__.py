@@ -10,7 +10,21 @@ from .errors import KDConfigError, KDError, NonFiniteLossError, ShapeMismatchErr
 from .registry import CONNECTORS, LOSSES, SCHEMES
 from .taps import FeatureTaps
 
-__all__ = [
+_LAZY = {  # heavier modules (accelerate, safetensors), imported on first use
+    "Trainer": ".training", "TrainConfig": ".train_config", "TeacherCache": ".cache",
+    "build_scheme": ".schemes", "scheme_from_recipe": ".schemes",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [*_LAZY, 
     "Distiller", "Term", "FeatureTaps", "LazyConnector", "build_connector", "load_config",
     "distiller_from_config", "LOSSES", "CONNECTORS", "SCHEMES", "KDError", "KDConfigError",
     "ShapeMismatchError", "UnknownTapError", "NonFiniteLossError",

@@ -238,7 +238,7 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def prepare(self, inputs: Any, target: Any = None, teacher_inputs: Any = None, index: Any = None,
-                **extra: Any) -> "Distiller":
+                teacher_outputs: Mapping[str, Any] | None = None, **extra: Any) -> "Distiller":
         """Run one batch in eval mode to build lazy connectors/losses; build the optimiser after this.
 
         Losses change no state in eval mode (CRD's memory bank included), so this step is side-effect free.
@@ -249,8 +249,8 @@ class Distiller(nn.Module):
             if index is None and any(getattr(t.loss, "needs_index", False) for t in self.terms):
                 batch = self.logits_fn(call_model(self.student, inputs)).shape[0]
                 index = torch.zeros(batch, dtype=torch.long)
-            self._compute(inputs, target, teacher_inputs=teacher_inputs, teacher_outputs=None, index=index,
-                          extra=extra, force_all=True)
+            self._compute(inputs, target, teacher_inputs=teacher_inputs, teacher_outputs=teacher_outputs,
+                          index=index, extra=extra, force_all=True)
         finally:
             self.train(was_training)
         return self

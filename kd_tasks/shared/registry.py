@@ -70,6 +70,10 @@ def check_kwargs(obj: Callable[..., Any], kwargs: Mapping[str, Any], what: str) 
         return
     accepted = [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in kwargs:
+        if not isinstance(key, str):
+            raise KDConfigError(
+                f"{what}: key {key!r} is not a string (YAML reads bare on/off/yes/no as booleans: quote the key)"
+            )
         if key not in accepted:
             raise KDConfigError(
                 f"{what}: {suggest(key, accepted, 'option')} "

@@ -1,0 +1,470 @@
+"""Teacher-output cache: run the teacher once over a dataset, reuse its outputs from disk.
+
+Later epochs and later runs look the outputs up by sample index instead of running the teacher
+(the student step alone costs about half a KD step on CPU). Layout of a cache directory::
+
+    <dir>/meta.json     format, fingerprint (its parts and digest), sample count, arrays
+    <dir>/out0.npy ...  one NumPy array per stored output, shape (num_samples, ...), memory-mapped
+
+Stored outputs: ``"output"`` -- the teacher's prediction (its logits or embedding, found like the
+Distiller finds logits) -- and any tapped features (``taps=["layer3", ...]``, stored under their
+tap names). ``TeacherCache.lookup(index)`` returns exactly the ``teacher_outputs=`` mapping that
+:class:`~kd_tasks.shared.distiller.Distiller` accepts; :class:`CachedTeacher` wraps a cache as a
+teacher module for the other schemes.
+
+Fingerprint. A cache is keyed by the sha256 of four parts: the teacher's weights (names, dtypes,
+shapes and bytes of its ``state_dict``), the dataset (its length and every sample's content, or a
+caller-given id), the preprocessing (a description string; by default ``repr(dataset.transform)``)
+and what is stored (output names, dtype). Opening a cache whose parts differ raises
+:class:`StaleCacheError` naming each changed part; rebuild with ``rebuild=True`` (CLI:
+``--rebuild-cache``) or use another directory. Builds are atomic: written to a temporary directory,
+then renamed.
+
+When a cache is invalid. The cache holds the teacher's outputs for *one fixed view* of each sample.
+With random augmentation the student sees a new view every epoch while the cached teacher output
+belongs to another (un-augmented) view, so the KD target no longer matches the student's input; this
+is a different (weaker) loss than online KD. ``build`` refuses a dataset that returns different
+values for the same index (checked on a few samples). The deterministic view: build the cache on
+the dataset with its evaluation transform (no random augmentation) and either train without
+augmentation, or accept the mismatch knowingly by training on the augmented dataset with the
+un-augmented cache (same indices). Feature taps of spatial maps are only valid for the exact
+geometry they were computed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .distiller import call_model, default_logits, freeze
+from .errors import KDConfigError
+from .taps import FeatureTaps
+
+FORMAT_VERSION = 1
+META = "meta.json"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class StaleCacheError(KDConfigError):
+    """A cache exists for other teacher weights, data, preprocessing or outputs."""
+
+
+# ---------------------------------------------------------------------------------- fingerprints
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
+
+
+def teacher_fingerprint(model: nn.Module) -> str:
+    """sha256 over the ``state_dict``: each entry's name, dtype, shape and bytes, in name order."""
+    state = model.state_dict()
+    if not state:
+        raise KDConfigError(
+            f"{type(model).__name__} has no parameters or buffers to fingerprint; pass teacher_id= "
+            "(e.g. file_fingerprint(path_of_its_weights))"
+        )
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (for teachers whose weights live in a file, e.g. dlib models)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_value(h: "hashlib._Hash", value: Any) -> None:
+    """Feed a sample (tensors, arrays, numbers, strings, PIL images, nested containers) to ``h``."""
+    if isinstance(value, torch.Tensor):
+        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        h.update(_tensor_bytes(value))
+    elif isinstance(value, np.ndarray):
+        h.update(f"A{value.dtype}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        for k in sorted(value, key=str):
+            h.update(f"K{k}".encode())
+            _hash_value(h, value[k])
+    elif isinstance(value, (tuple, list)):
+        h.update(f"L{len(value)}".encode())
+        for v in value:
+            _hash_value(h, v)
+    elif hasattr(value, "tobytes") and hasattr(value, "size") and hasattr(value, "mode"):  # PIL image
+        h.update(f"I{value.mode}{value.size}".encode())
+        h.update(value.tobytes())
+    else:
+        h.update(f"V{value!r}".encode())
+
+
+def sample_fingerprint(sample: Any) -> str:
+    h = hashlib.sha256()
+    _hash_value(h, sample)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset: Any, max_samples: int | None = None) -> str:
+    """sha256 over the dataset's length and samples (all, or ``max_samples`` evenly spaced ones).
+
+    Hashing every sample costs one pass over the data without the teacher. For large datasets pass
+    ``max_samples`` (weaker: edits between the sampled indices go unnoticed) or give the cache a
+    ``dataset_id`` you control (e.g. a file digest or a dataset version).
+    """
+    n = len(dataset)
+    indices: Iterable[int] = range(n)
+    if max_samples is not None and max_samples < n:
+        indices = np.linspace(0, n - 1, max_samples).round().astype(int).tolist()
+    h = hashlib.sha256(f"len={n}".encode())
+    for i in indices:
+        h.update(sample_fingerprint(dataset[i]).encode())
+    return h.hexdigest()
+
+
+def describe_preprocessing(dataset: Any) -> str:
+    """``repr`` of the dataset's ``transform`` (torchvision style) or its type name."""
+    transform = getattr(dataset, "transform", None)
+    return repr(transform) if transform is not None else f"{type(dataset).__name__} (no transform attribute)"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """The four parts a cache is keyed by; ``digest`` is the sha256 of all of them."""
+
+    teacher: str
+    dataset: str
+    preprocessing: str
+    outputs: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def differences(self, other: "CacheKey") -> list[str]:
+        """Human-readable list of the parts that differ from ``other`` (the cached key)."""
+        out = []
+        labels = {"teacher": "teacher weights", "dataset": "dataset", "preprocessing": "preprocessing",
+                  "outputs": "stored outputs"}
+        for part, label in labels.items():
+            old, new = getattr(other, part), getattr(self, part)
+            if old != new:
+                out.append(f"{label} changed (cached: {_short(old)}, now: {_short(new)})")
+        return out
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------- the cache
+
+
+def default_split(batch: Any) -> Any:
+    """The model inputs of a batch: element 0 of a tuple/list, ``batch["inputs"]`` of a dict, else the batch."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, Mapping) and "inputs" in batch:
+        return batch["inputs"]
+    return batch
+
+
+class TeacherCache:
+    """Memory-mapped teacher outputs for every sample index of one dataset."""
+
+    def __init__(self, directory: Path, meta: dict):
+        self.directory = Path(directory)
+        self.meta = meta
+        self.key = CacheKey(**meta["key"])
+        self.arrays = {
+            name: np.load(self.directory / info["file"], mmap_mode="r") for name, info in meta["arrays"].items()
+        }
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.arrays)
+
+    def lookup(
+        self,
+        index: torch.Tensor | Sequence[int],
+        device: torch.device | str | None = None,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` rows (float32) for the given sample indices; all outputs or ``names``."""
+        idx = index.detach().cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise KDConfigError(f"teacher cache holds {len(self)} samples; index {int(idx.max())} is out of range")
+        return {
+            name: torch.from_numpy(np.asarray(arr[idx], dtype=np.float32)).to(device or "cpu")
+            for name, arr in self.arrays.items()
+            if names is None or name in names
+        }
+
+    # -- opening and building -------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: str | os.PathLike, key: CacheKey | None = None) -> "TeacherCache":
+        """Open an existing cache; with ``key``, refuse it (:class:`StaleCacheError`) if it differs."""
+        directory = Path(directory)
+        meta_path = directory / META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no teacher cache at {str(directory)!r} (missing {META}); build it first")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise StaleCacheError(
+                f"teacher cache {str(directory)!r} has format {meta.get('format')}, this version reads "
+                f"{FORMAT_VERSION}; rebuild it (rebuild=True, CLI: --rebuild-cache)"
+            )
+        if key is not None:
+            cached = CacheKey(**meta["key"])
+            if cached != key:
+                raise StaleCacheError(
+                    f"teacher cache {str(directory)!r} is stale: " + "; ".join(key.differences(cached))
+                    + ". Rebuild it with rebuild=True (CLI: --rebuild-cache) or choose another cache directory."
+                )
+        return cls(directory, meta)
+
+    @classmethod
+    def load_or_build(
+        cls,
+        teacher: nn.Module,
+        dataset: Any,
+        directory: str | os.PathLike,
+        *,
+        taps: Sequence[str] = (),
+        store_output: bool = True,
+        teacher_id: str | None = None,
+        dataset_id: str | None = None,
+        preprocessing: str | None = None,
+        dtype: str = "float32",
+        rebuild: bool = False,
+        **build_kwargs: Any,
+    ) -> "TeacherCache":
+        """Open the cache if its fingerprint matches (a hit), build it if absent (a miss).
+
+        A cache present with another fingerprint raises :class:`StaleCacheError` unless
+        ``rebuild=True``. ``build_kwargs`` go to :meth:`build` (batch size, device, collate ...).
+        ``status`` on the result is ``"hit"``, ``"built"`` or ``"rebuilt"``.
+        """
+        key = make_key(teacher, dataset, taps=taps, store_output=store_output, teacher_id=teacher_id,
+                       dataset_id=dataset_id, preprocessing=preprocessing, dtype=dtype)
+        directory = Path(directory)
+        exists = (directory / META).is_file()
+        if exists and not rebuild:
+            cache = cls.open(directory, key)
+            cache.status = "hit"
+            return cache
+        cache = cls.build(teacher, dataset, directory, key, taps=taps, store_output=store_output, dtype=dtype,
+                          **build_kwargs)
+        cache.status = "rebuilt" if exists else "built"
+        return cache
+
+    @classmethod
+    def build(
+        cls,
+        teacher: nn.Module,
+        dataset: Any,
+        directory: str | os.PathLike,
+        key: CacheKey,
+        *,
+        taps: Sequence[str] = (),
+        store_output: bool = True,
+        dtype: str = "float32",
+        batch_size: int = 64,
+        collate_fn: Callable | None = None,
+        split_batch: Callable[[Any], Any] = default_split,
+        num_workers: int = 0,
+        device: torch.device | str | None = None,
+        logits_fn: Callable[[Any], torch.Tensor] = default_logits,
+        check_deterministic: bool = True,
+        progress: bool = False,
+    ) -> "TeacherCache":
+        """Run ``teacher`` over ``dataset`` in order and write its outputs (replacing any old cache)."""
+        if not taps and not store_output:
+            raise KDConfigError("teacher cache: nothing to store; keep store_output=True or give taps")
+        if dtype not in DTYPES:
+            raise KDConfigError(f"teacher cache: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if check_deterministic:
+            check_deterministic_dataset(dataset)
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            arrays = _run_teacher(teacher, dataset, tmp, taps, store_output, DTYPES[dtype], batch_size,
+                                  collate_fn, split_batch, num_workers, device, logits_fn, progress)
+            meta = {"format": FORMAT_VERSION, "key": asdict(key), "digest": key.digest, "count": len(dataset),
+                    "arrays": arrays}
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(directory, meta)
+
+
+def make_key(
+    teacher: nn.Module,
+    dataset: Any,
+    *,
+    taps: Sequence[str] = (),
+    store_output: bool = True,
+    teacher_id: str | None = None,
+    dataset_id: str | None = None,
+    preprocessing: str | None = None,
+    dtype: str = "float32",
+) -> CacheKey:
+    """The :class:`CacheKey` of a teacher/dataset pair (computing the fingerprints not given)."""
+    outputs = json.dumps({"output": bool(store_output), "taps": list(taps), "dtype": dtype})
+    return CacheKey(
+        teacher=teacher_id or teacher_fingerprint(teacher),
+        dataset=dataset_id or dataset_fingerprint(dataset),
+        preprocessing=preprocessing if preprocessing is not None else describe_preprocessing(dataset),
+        outputs=outputs,
+    )
+
+
+def check_deterministic_dataset(dataset: Any, probes: int = 3) -> None:
+    """Raise :class:`KDConfigError` if reading the same index twice gives different samples."""
+    n = len(dataset)
+    if n == 0:
+        raise KDConfigError("teacher cache: the dataset is empty")
+    for i in sorted({0, n // 2, n - 1})[:probes]:
+        if sample_fingerprint(dataset[i]) != sample_fingerprint(dataset[i]):
+            raise KDConfigError(
+                f"teacher cache: dataset[{i}] differs between two reads -- the dataset applies random "
+                "augmentation, and a cached teacher output would belong to another view than the student's. "
+                "Build the cache on the deterministic view (the same data with the evaluation transform, "
+                "no random augmentation); see kd_tasks.shared.cache for when that is acceptable."
+            )
+
+
+def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size, collate_fn, split_batch,
+                 num_workers, device, logits_fn, progress) -> dict:
+    from torch.utils.data import DataLoader
+
+    freeze(teacher)
+    if device is not None:
+        teacher.to(device)
+    else:
+        device = next(iter(teacher.parameters()), torch.empty(0)).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_fn)
+    tapper = FeatureTaps(teacher, {t: t for t in taps}, detach=True, stop_after_last=not store_output) if taps else None
+    names = (["output"] if store_output else []) + list(taps)
+    files = {name: f"out{i}.npy" for i, name in enumerate(names)}
+    arrays: dict[str, np.memmap] = {}
+    row = 0
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="teacher cache")
+    with torch.no_grad():
+        for batch in loader:
+            inputs = _to(split_batch(batch), device)
+            if tapper is not None:
+                raw = tapper.run(lambda: call_model(teacher, inputs))
+                outs = dict(tapper.outputs)
+                missing = tapper.missing()
+                if missing:
+                    raise KDConfigError(f"teacher cache: taps {missing} did not fire during the teacher forward")
+            else:
+                raw, outs = call_model(teacher, inputs), {}
+            if store_output:
+                outs["output"] = logits_fn(raw)
+            for name in names:
+                value = outs[name].float().cpu().numpy()
+                if name not in arrays:
+                    arrays[name] = np.lib.format.open_memmap(
+                        tmp / files[name], mode="w+", dtype=np_dtype, shape=(len(dataset),) + value.shape[1:]
+                    )
+                arrays[name][row: row + len(value)] = value
+            row += len(value)
+    if row != len(dataset):
+        raise KDConfigError(f"teacher cache: the loader gave {row} samples for a dataset of {len(dataset)}")
+    info = {}
+    for name, arr in arrays.items():
+        arr.flush()
+        info[name] = {"file": files[name], "shape": list(arr.shape), "dtype": str(arr.dtype)}
+    return info
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target`` by rename; an existing ``target`` is moved aside, then deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class CachedTeacher(nn.Module):
+    """A teacher module answering from a :class:`TeacherCache` by sample index.
+
+    ``forward(inputs, index=...)`` returns the cached ``"output"`` rows (or the ``output`` named at
+    construction) on the inputs' device; the inputs themselves are not read. The schemes pass
+    ``index=`` to teachers whose ``needs_index`` is true.
+    """
+
+    needs_index = True
+
+    def __init__(self, cache: TeacherCache, output: str = "output"):
+        super().__init__()
+        if output not in cache.names:
+            raise KDConfigError(f"cached teacher: the cache holds {cache.names}, not {output!r}")
+        self.cache = cache
+        self.output = output
+
+    def forward(self, inputs: Any = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        if index is None:
+            raise KDConfigError("cached teacher: call it with index= (the batch's sample indices)")
+        return self.cache.lookup(index, device=_device_of(inputs), names=[self.output])[self.output]
+
+
+def _device_of(value: Any) -> torch.device:
+    if isinstance(value, torch.Tensor):
+        return value.device
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            if isinstance(v, torch.Tensor):
+                return v.device
+    return torch.device("cpu")
+
+
+__all__ = [
+    "TeacherCache", "CachedTeacher", "CacheKey", "StaleCacheError", "make_key", "teacher_fingerprint",
+    "dataset_fingerprint", "file_fingerprint", "describe_preprocessing", "check_deterministic_dataset",
+]

@@ -1,0 +1,173 @@
+"""Teacher-output cache: miss, hit, stale, rebuild, atomic builds, augmentation refusal, and training
+from the cache equal to training with the live teacher."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_tasks.shared.cache import (
+    CachedTeacher,
+    StaleCacheError,
+    TeacherCache,
+    dataset_fingerprint,
+    make_key,
+    teacher_fingerprint,
+)
+from kd_tasks.shared.distiller import Distiller
+from kd_tasks.shared.errors import KDConfigError
+from kd_tasks.shared.schemes import MultiTeacher
+from kd_tasks.shared.training import TrainConfig, Trainer
+
+C = 5
+
+
+def net(hidden=16, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, hidden), nn.ReLU(), nn.Linear(hidden, C))
+
+
+class Blobs(torch.utils.data.Dataset):
+    def __init__(self, n=40, shift=0.0, noise=0.0):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.randint(0, C, (n,), generator=g)
+        self.x = torch.randn(n, 12, generator=g) + F.one_hot(self.y, 12).float() * 3 + shift
+        self.noise = noise
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x = self.x[i] + self.noise * torch.randn(12) if self.noise else self.x[i]
+        return x, self.y[i]
+
+
+def test_miss_then_hit_stores_the_teachers_outputs(tmp_path):
+    teacher, data = net(32, seed=1), Blobs()
+    built = TeacherCache.load_or_build(teacher, data, tmp_path / "c", taps=["1"], preprocessing="none", batch_size=7)
+    assert built.status == "built" and len(built) == 40
+    hit = TeacherCache.load_or_build(teacher, data, tmp_path / "c", taps=["1"], preprocessing="none")
+    assert hit.status == "hit"
+    with torch.no_grad():  # independent: one sample at a time
+        logits = np.stack([teacher(data[i][0][None])[0].numpy() for i in range(40)])
+        hidden = np.stack([torch.relu(teacher[0](data[i][0][None]))[0].numpy() for i in range(40)])
+    rows = hit.lookup(torch.tensor([3, 0, 39]))
+    assert set(rows) == {"output", "1"}
+    np.testing.assert_allclose(rows["output"].numpy(), logits[[3, 0, 39]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rows["1"].numpy(), hidden[[3, 0, 39]], rtol=1e-6, atol=1e-6)
+    assert isinstance(hit.arrays["output"], np.memmap)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left
+
+
+def test_stale_cache_is_refused_naming_what_changed(tmp_path):
+    teacher, data = net(32, seed=1), Blobs()
+    TeacherCache.load_or_build(teacher, data, tmp_path / "c", preprocessing="v1")
+    other = net(32, seed=1)
+    with torch.no_grad():
+        other[2].bias[0] += 1e-3  # one number of the weights
+    with pytest.raises(StaleCacheError, match=r"teacher weights changed.*rebuild=True.*--rebuild-cache"):
+        TeacherCache.load_or_build(other, data, tmp_path / "c", preprocessing="v1")
+    edited = Blobs()
+    edited.x[17, 4] += 0.5  # one value of one sample
+    with pytest.raises(StaleCacheError, match="dataset changed") as e:
+        TeacherCache.load_or_build(teacher, edited, tmp_path / "c", preprocessing="v1")
+    assert "teacher" not in str(e.value).split("stale:")[1]
+    with pytest.raises(StaleCacheError, match="preprocessing changed.*cached: v1, now: v2"):
+        TeacherCache.load_or_build(teacher, data, tmp_path / "c", preprocessing="v2")
+    with pytest.raises(StaleCacheError, match="stored outputs changed"):
+        TeacherCache.load_or_build(teacher, data, tmp_path / "c", preprocessing="v1", dtype="float16")
+    rebuilt = TeacherCache.load_or_build(other, data, tmp_path / "c", preprocessing="v1", rebuild=True)
+    assert rebuilt.status == "rebuilt"
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.lookup([0])["output"], other(data[0][0][None]), atol=1e-6)
+    assert TeacherCache.load_or_build(other, data, tmp_path / "c", preprocessing="v1").status == "hit"
+
+
+def test_random_augmentation_is_refused_with_the_deterministic_view_named(tmp_path):
+    with pytest.raises(KDConfigError, match="random augmentation.*deterministic view"):
+        TeacherCache.load_or_build(net(), Blobs(noise=0.1), tmp_path / "c", preprocessing="aug")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path):
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.calls = net(), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("teacher crashed")
+            return self.inner(x)
+
+    with pytest.raises(RuntimeError, match="teacher crashed"):
+        TeacherCache.load_or_build(Flaky(), Blobs(), tmp_path / "c", preprocessing="x", batch_size=8)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError):
+        TeacherCache.open(tmp_path / "c")
+
+
+def test_fingerprints():
+    a, b = net(seed=1), net(seed=1)
+    assert teacher_fingerprint(a) == teacher_fingerprint(b)
+    with torch.no_grad():
+        b[0].weight[3, 2] = b[0].weight[3, 2].item() + 1e-6
+    assert teacher_fingerprint(a) != teacher_fingerprint(b)
+    assert teacher_fingerprint(a) != teacher_fingerprint(a.double())
+    with pytest.raises(KDConfigError, match="teacher_id"):
+        teacher_fingerprint(nn.ReLU())
+    d = Blobs()
+    assert dataset_fingerprint(d) == dataset_fingerprint(Blobs())
+    assert dataset_fingerprint(d) != dataset_fingerprint(Blobs(n=39))
+    key = make_key(nn.ReLU(), d, teacher_id="dlib-v1", dataset_id="orl-v2", preprocessing="align 112")
+    assert (key.teacher, key.dataset, key.preprocessing) == ("dlib-v1", "orl-v2", "align 112")
+
+
+def test_float16_storage_and_features_only(tmp_path):
+    teacher, data = net(32, seed=1), Blobs()
+    cache = TeacherCache.load_or_build(teacher, data, tmp_path / "c", taps=["1"], store_output=False,
+                                       dtype="float16", preprocessing="none")
+    assert cache.names == ["1"] and cache.arrays["1"].dtype == np.float16
+    with torch.no_grad():
+        ref = torch.relu(teacher[0](data.x[:5]))
+    assert torch.allclose(cache.lookup(range(5))["1"], ref, rtol=1e-3, atol=1e-3)
+    meta = json.loads((tmp_path / "c/meta.json").read_text())
+    assert meta["count"] == 40 and meta["arrays"]["1"]["shape"] == [40, 32]
+
+
+def test_cached_teacher_in_multi_teacher_matches_the_live_teacher(tmp_path):
+    t1, t2, data = net(32, seed=1), net(24, seed=2), Blobs()
+    cached = CachedTeacher(TeacherCache.load_or_build(t1, data, tmp_path / "c", preprocessing="none"))
+    x, y = data.x[:6], data.y[:6]
+    index = torch.arange(6)
+    live = MultiTeacher(net(8, seed=3), [t1, t2])(x, y)
+    from_cache = MultiTeacher(net(8, seed=3), [cached, t2])(x, y, index=index)
+    assert torch.allclose(live["kd"], from_cache["kd"], atol=1e-6)
+    with pytest.raises(KDConfigError, match="index"):
+        MultiTeacher(net(8, seed=3), [cached, t2])(x, y)
+
+
+def test_training_from_the_cache_equals_training_with_the_teacher_and_skips_it(tmp_path):
+    data = Blobs()
+    terms = [{"name": "kd", "loss": {"type": "kd", "temperature": 2}}]
+    cfg = dict(max_steps=8, batch_size=8, lr=0.05, progress=False, console=False, tensorboard=False, seed=1)
+
+    teacher = net(32, seed=1)
+    live = Trainer(Distiller(net(8, seed=3), teacher, terms, task_loss=nn.CrossEntropyLoss()), data,
+                   TrainConfig(output_dir=str(tmp_path / "live"), **cfg)).fit()
+
+    cache = TeacherCache.load_or_build(teacher, data, tmp_path / "cache", preprocessing="none")
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    cached = Trainer(Distiller(net(8, seed=3), None, terms, task_loss=nn.CrossEntropyLoss()), data,
+                     TrainConfig(output_dir=str(tmp_path / "cached"), **cfg), teacher_cache=cache).fit()
+    assert calls == []
+    for k, v in live.model.state_dict().items():
+        assert torch.allclose(v, cached.model.state_dict()[k], atol=1e-6), k
+    with pytest.raises(KDConfigError, match="40 samples"):
+        Trainer(Distiller(net(8), None, terms), Blobs(n=32), TrainConfig(output_dir=str(tmp_path / "x"), **cfg),
+                teacher_cache=cache)
