@@ -12,7 +12,8 @@ EXAMPLES = """examples:
   kd-tasks demo                                   distil a CNN on bundled digits images (offline)
   kd-tasks nlp --teacher ./bert-sst2 --task sst2 --student-layers 6 --output-dir out/
   kd-tasks nlp --config configs/nlp/sst2_minilm.yaml
-  kd-tasks detect --help                          (object detection; see the README for status)
+  kd-tasks detect --teacher-config T.py --teacher-checkpoint T.pth --student-config S.py \
+      --recipe configs/detection/cwd_retinanet_fpn.py --work-dir work/
   kd-tasks face --help                            (face recognition; see the README for status)
 """
 
@@ -25,11 +26,6 @@ COMMANDS = {
 }
 
 PENDING = {
-    "detect": (
-        "kd-tasks detect is not available yet: the MMDetection adapter (kd_tasks.detection) has not been "
-        "built. Planned usage:\n  kd-tasks detect --teacher-config T.py --teacher-ckpt T.pth --student-config S.py "
-        "--recipe configs/detection/cwd_fpn.py\nUntil then, use kd_tasks.shared.Distiller with your own loop."
-    ),
     "face": (
         "kd-tasks face is not available yet: the face adapter (kd_tasks.face) has not been built. Planned usage:\n"
         "  kd-tasks face --teacher teacher.onnx --data faces/ --student mobilefacenet --output-dir out/\n"

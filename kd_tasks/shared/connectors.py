@@ -176,6 +176,10 @@ class LazyConnector(nn.Module):
 
     def forward(self, x: torch.Tensor, target_shape: Shape) -> torch.Tensor:
         inner = self.materialize(tuple(x.shape), tuple(target_shape), like=x)
+        if len(target_shape) == 4:  # inputs of varying size: resize to this batch's teacher map
+            for m in inner.modules():
+                if isinstance(m, ResizeConnector):
+                    m.size = (int(target_shape[2]), int(target_shape[3]))
         try:
             return inner(x)
         except RuntimeError as e:  # a connector built for other shapes

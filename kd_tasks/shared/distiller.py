@@ -266,9 +266,10 @@ class Distiller(nn.Module):
         index: torch.Tensor | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        """Returns ``{"loss": total, "task": ..., <term>: ..., "student_output": raw}``.
+        """Returns ``{"loss": total, "task": ..., <term>: ..., "weighted": {...}, "student_output": raw}``.
 
-        Term values are unweighted and detached (for logging); ``loss`` carries the gradient.
+        Term values are unweighted and detached (for logging); ``loss`` carries the gradient, and so
+        does each entry of ``weighted`` (``weight * term``, for frameworks that sum a dict of losses).
         ``extra`` keyword arguments (e.g. ``mask=``) reach the losses whose ``forward`` takes them.
         """
         out = self._compute(inputs, target, teacher_inputs=teacher_inputs, teacher_outputs=teacher_outputs,
@@ -362,6 +363,7 @@ class Distiller(nn.Module):
             )
         result[name] = value.detach()
         weighted = value * weight
+        result.setdefault("weighted", {})[name] = weighted  # with gradient, for frameworks that sum a loss dict
         return weighted if total is None else total + weighted
 
     def _gather(self, term: Term, side: str, outs: Mapping[str, Any]):

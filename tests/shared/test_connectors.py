@@ -64,3 +64,11 @@ def test_errors():
     conn(torch.randn(2, 8), (2, 4))
     with pytest.raises(ShapeMismatchError, match="another shape"):
         conn(torch.randn(2, 9), (2, 4))
+
+
+def test_lazy_resize_follows_each_batch_size():
+    conn = LazyConnector("auto")
+    y = conn(torch.randn(2, 4, 6, 6), (2, 8, 12, 12))
+    assert y.shape == (2, 8, 12, 12)
+    y2 = conn(torch.randn(2, 4, 10, 10), (2, 8, 20, 20))  # a larger image later
+    assert y2.shape == (2, 8, 20, 20)

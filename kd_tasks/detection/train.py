@@ -1,0 +1,211 @@
+"""``kd-tasks detect``: distil an MMDetection 3.x detector with MMEngine's Runner.
+
+The student's config file is the base of the run (its datasets, schedule, optimiser, hooks); its
+``model`` becomes a :class:`~kd_tasks.detection.distiller.DetectionDistiller` holding the student, the
+teacher (from its own config file and checkpoint) and the recipe's terms. Multi-GPU and multi-machine
+runs go through MMEngine's ``pytorch`` launcher: start the command with ``torchrun`` (or
+``accelerate launch``) and pass ``--launcher pytorch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from kd_tasks.shared.config import check_keys, load_config
+from kd_tasks.shared.errors import KDConfigError, KDError
+
+EPILOG = """example (RetinaNet R50 teacher -> R18 student, channel-wise distillation of the FPN outputs):
+  kd-tasks detect \\
+      --teacher-config mmdet::retinanet/retinanet_r50_fpn_1x_coco.py \\
+      --teacher-checkpoint checkpoints/retinanet_r50_fpn_1x_coco.pth \\
+      --student-config mmdet::retinanet/retinanet_r18_fpn_1x_coco.py \\
+      --recipe configs/detection/cwd_retinanet_fpn.py --work-dir work_dirs/cwd_r50_r18
+
+  4 GPUs:  torchrun --nproc_per_node 4 -m kd_tasks.detection.train ... --launcher pytorch
+           (or: accelerate launch --multi_gpu --num_processes 4 -m kd_tasks.detection.train ... --launcher pytorch)
+  resume:  add --resume (latest checkpoint of --work-dir) or --resume work_dirs/x/iter_2000.pth
+
+The recipe (YAML, JSON or .py) holds a `distill` section (terms: name, loss, student/teacher taps such as
+'neck:0'..'neck:4', weight, connector; optional task_weight for the student's own losses, teacher_dtype)
+and optionally `cfg_options` (dotted config keys, e.g. optim_wrapper.clip_grad.max_norm: 10).
+The run writes <work-dir>/student.pth and student_config.py, usable by plain MMDetection.
+"""
+
+RECIPE_KEYS = ("distill", "cfg_options")
+KD_HOOKS = ("DistillStepHook", "TeacherCheckHook", "SafeCheckpointHook", "StudentExportHook")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from_mmengine = _dict_action()
+    p = argparse.ArgumentParser(
+        prog="kd-tasks detect",
+        description="Distil an MMDetection 3.x teacher into a student with MMEngine's Runner.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--teacher-config", required=True, help="teacher's MMDetection config (.py), or mmdet::<path>")
+    p.add_argument("--teacher-checkpoint", required=True, help="teacher's trained weights (.pth)")
+    p.add_argument("--student-config", required=True,
+                   help="student's MMDetection config: its data, schedule and runtime settings drive the run")
+    p.add_argument("--recipe", required=True, help="distillation recipe (.yaml / .json / .py), see configs/detection/")
+    p.add_argument("--work-dir", required=True, help="directory for logs, checkpoints and the exported student")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="train this many iterations instead of the config's schedule (iteration-based loop; validation and "
+                        "checkpoint at the end; epoch-based LR milestones are dropped)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="resume: the latest checkpoint in --work-dir, or the given one")
+    p.add_argument("--launcher", choices=["none", "pytorch"], default="none",
+                   help="'pytorch' under torchrun / accelerate launch (multi-GPU, multi-machine)")
+    p.add_argument("--teacher-not-strict", action="store_true",
+                   help="load a teacher checkpoint whose keys do not all match its config (warns instead of failing)")
+    p.add_argument("--cfg-options", nargs="+", action=from_mmengine, default=None, metavar="KEY=VALUE",
+                   help="override config keys, e.g. train_dataloader.batch_size=4 model.distill.task_weight=0.5")
+    return p
+
+
+def _dict_action():
+    try:
+        from mmengine.config import DictAction
+    except ImportError:  # mmengine missing: parse anyway so --help works; main() reports it
+        return "append"
+    return DictAction
+
+
+def _file(path: str, what: str) -> str:
+    """``path`` made absolute after checking it exists (``mmdet::`` paths resolve in the installed mmdet)."""
+    if path.startswith("mmdet::"):
+        import mmdet
+
+        resolved = Path(mmdet.__file__).parent / ".mim" / "configs" / path[len("mmdet::"):]
+        if not resolved.is_file():
+            raise KDConfigError(f"{what} {path!r} is not a config of the installed MMDetection ({resolved})")
+        return str(resolved)
+    if not Path(path).is_file():
+        raise KDConfigError(f"{what} {path!r} does not exist")
+    return str(Path(path).resolve())
+
+
+def _read_config(path: str, what: str):
+    from mmengine.config import Config
+
+    try:
+        return Config.fromfile(path)
+    except Exception as e:  # syntax errors, missing _base_ files, ...
+        raise KDConfigError(f"cannot read the {what} {path!r}: {type(e).__name__}: {e}") from None
+
+
+def build_config(args: argparse.Namespace):
+    """The MMEngine config of the distillation run described by the parsed arguments."""
+    student_path = _file(args.student_config, "--student-config")
+    teacher_path = _file(args.teacher_config, "--teacher-config")
+    ckpt = _file(args.teacher_checkpoint, "--teacher-checkpoint")
+    recipe = load_config(_file(args.recipe, "--recipe"))
+    check_keys(recipe, RECIPE_KEYS, f"recipe {args.recipe}")
+    if "distill" not in recipe:
+        raise KDConfigError(f"recipe {args.recipe!r} has no 'distill' section; see configs/detection/ for examples")
+
+    cfg = _read_config(student_path, "student config")
+    teacher_cfg = _read_config(teacher_path, "teacher config")
+    for what, c in (("student", cfg), ("teacher", teacher_cfg)):
+        if not isinstance(c.get("model"), dict) or "type" not in c.model:
+            raise KDConfigError(f"the {what} config has no model = dict(type=...)")
+
+    for c in (cfg, teacher_cfg):  # a model from another OpenMMLab package (e.g. mmyolo) keeps its registry
+        if c.get("default_scope") not in (None, "mmdet"):
+            c.model.setdefault("_scope_", c.default_scope)
+    cfg.model = dict(
+        type="DetectionDistiller",
+        student=cfg.model,
+        teacher=teacher_cfg.model,
+        teacher_ckpt=ckpt,
+        teacher_strict=not args.teacher_not_strict,
+        distill=recipe["distill"],
+    )
+    imports = ["kd_tasks.detection"]
+    for c in (cfg, teacher_cfg):
+        imports += [m for m in c.get("custom_imports", {}).get("imports", []) if m not in imports]
+    cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
+    cfg.default_scope = "mmdet"
+    hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") not in KD_HOOKS]
+    cfg.custom_hooks = hooks + [dict(type=name) for name in KD_HOOKS]
+    if isinstance(cfg.get("visualizer"), dict):  # MMDetection's fixed name 'visualizer' would send a second run
+        cfg.visualizer.pop("name", None)  # in the same process to the first run's log directory
+    cfg.work_dir = str(Path(args.work_dir).resolve())
+    cfg.launcher = args.launcher
+    if args.max_iters is not None:
+        _iteration_schedule(cfg, args.max_iters)
+    if args.resume == "auto":
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume:
+        cfg.resume, cfg.load_from = True, _file(args.resume, "--resume checkpoint")
+    for options in (recipe.get("cfg_options") or {}, args.cfg_options or {}):
+        if not isinstance(options, dict):
+            raise KDConfigError(f"cfg_options must be a mapping of dotted keys to values, got {options!r}")
+        cfg.merge_from_dict(options)
+    _check_model_keys(cfg.model)
+    return cfg
+
+
+def _check_model_keys(model_cfg) -> None:
+    """A typo in a ``model.*`` key (``--cfg-options model.distil=...``) fails here, naming close matches."""
+    from kd_tasks.shared.registry import check_kwargs
+
+    from .distiller import DetectionDistiller
+
+    if model_cfg.get("type") != "DetectionDistiller":
+        raise KDConfigError(f"model.type must stay 'DetectionDistiller', got {model_cfg.get('type')!r}")
+    check_kwargs(DetectionDistiller, {k: v for k, v in model_cfg.items() if k != "type"}, "model (DetectionDistiller)")
+
+
+def _iteration_schedule(cfg, max_iters: int) -> None:
+    """An iteration-based loop of ``max_iters`` with validation and a checkpoint at the end, drawing
+    batches from an endless sampler."""
+    if max_iters <= 0:
+        raise KDConfigError(f"--max-iters must be positive, got {max_iters}")
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)
+    hooks = cfg.setdefault("default_hooks", {})
+    hooks["checkpoint"] = dict(hooks.get("checkpoint", {}) or {}, type="CheckpointHook", by_epoch=False,
+                               interval=max_iters)
+    cfg.log_processor = dict(cfg.get("log_processor", {}) or {}, by_epoch=False)
+    sampler = cfg.get("train_dataloader", {}).get("sampler") or {}
+    if sampler.get("type") == "DefaultSampler":  # restarting a finite sampler costs MMEngine a 2 s pause each time
+        sampler["type"] = "InfiniteSampler"
+        sampler.pop("round_up", None)
+    schedulers = cfg.get("param_scheduler") or []
+    schedulers = [schedulers] if isinstance(schedulers, dict) else schedulers
+    cfg.param_scheduler = [s for s in schedulers if not s.get("by_epoch", True)]  # epoch milestones do not apply
+
+
+def run(cfg) -> Any:
+    """Build MMEngine's Runner from ``cfg`` and train; returns the runner."""
+    from mmengine.runner import Runner
+
+    import kd_tasks.detection  # noqa: F401  registers the model and hooks
+
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return runner
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        import mmdet  # noqa: F401
+        import mmengine  # noqa: F401
+    except ImportError as e:
+        print(f"kd-tasks detect: error: needs MMDetection 3.x ({e}); pip install 'kd-tasks[detection]'", file=sys.stderr)
+        return 2
+    try:
+        cfg = build_config(args)
+        run(cfg)
+    except KDError as e:
+        print(f"kd-tasks detect: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
