@@ -9,27 +9,12 @@ import torch
 from kd_tasks.shared.errors import KDConfigError, ShapeMismatchError
 from kd_tasks.shared.losses.feature import ATLoss, FeatureLoss, FitNetLoss, FSPLoss
 from kd_tasks.shared.registry import LOSSES
+from loss_refs import assert_grad_reaches_student_only, huber, rand
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def rand(*shape):
-    return torch.randn(*shape, dtype=torch.float64)
-
-
-def huber(x):
-    return np.where(np.abs(x) < 1.0, 0.5 * x**2, np.abs(x) - 0.5)
-
-
-def assert_grad_reaches_student_only(loss_fn, student, teacher):
-    student = student.clone().requires_grad_(True)
-    teacher = teacher.clone().requires_grad_(True)
-    loss_fn(student, teacher).backward()
-    assert student.grad is not None and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
-    assert teacher.grad is None
 
 
 # ----------------------------------------------------------------------------- FeatureLoss
