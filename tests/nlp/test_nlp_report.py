@@ -1,0 +1,74 @@
+"""Task metrics (GLUE definitions) and the teacher-vs-student report."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from nlp_helpers import tiny_config
+
+from kd_tasks.nlp.report import build_report, count_parameters, format_report, model_stats, task_metrics
+
+
+def test_classification_metrics_on_a_hand_made_case():
+    labels = np.array([1, 1, 1, 0, 0, 0, 1, 0])
+    pred = np.array([1, 1, 0, 0, 0, 1, 1, 0])
+    logits = np.stack([1 - pred, pred], axis=1).astype(float)
+    m = task_metrics("classification", logits, labels)
+    tp, tn, fp, fn = 3, 3, 1, 1
+    assert m["accuracy"] == 0.75
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert m["matthews_correlation"] == pytest.approx(mcc)
+
+
+def test_regression_metrics_are_pearson_and_spearman():
+    labels = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    pred = np.array([[0.1], [0.9], [2.5], [2.9], [4.2]])
+    m = task_metrics("regression", pred, labels)
+    x, y = pred[:, 0] - pred.mean(), labels - labels.mean()
+    assert m["pearson"] == pytest.approx(float((x * y).sum() / np.sqrt((x**2).sum() * (y**2).sum())))
+    assert m["spearmanr"] == pytest.approx(1.0)
+    assert task_metrics("regression", np.zeros((5, 1)), labels)["pearson"] == 0.0  # constant prediction
+
+
+def test_token_metrics_ignore_padding_and_o_tags():
+    names = ["O", "POS", "NEG"]
+    labels = np.array([[-100, 0, 1, 2, -100], [-100, 1, 0, -100, -100]])
+    pred_ids = np.array([[2, 0, 1, 1, 0], [1, 1, 0, 0, 0]])
+    logits = np.eye(3)[pred_ids]
+    m = task_metrics("token", logits, labels, names)
+    # kept tokens: (0,O) (1,POS) (2->1 wrong NEG) (1,POS) (0,O): 4/5 right
+    assert m["accuracy"] == pytest.approx(0.8)
+    # non-O tags: gold POS, NEG, POS; predicted POS, POS, POS -> tp 2, fp 1, fn 1
+    assert m["f1"] == pytest.approx(2 / 3)
+
+
+def test_qa_span_metrics():
+    start = np.full((2, 6), -5.0)
+    end = np.full((2, 6), -5.0)
+    start[0, 2], end[0, 3] = 5, 5  # predicts 2..3, gold 2..3: exact
+    start[1, 1], end[1, 2] = 5, 5  # predicts 1..2, gold 2..4: overlap 1 token
+    m = task_metrics("qa", (start, end), (np.array([2, 2]), np.array([3, 4])))
+    assert m["span_exact"] == 0.5
+    p, r = 1 / 2, 1 / 3
+    assert m["span_f1"] == pytest.approx((1 + 2 * p * r / (p + r)) / 2)
+
+
+def test_report_ratios_and_table():
+    torch.manual_seed(0)
+    big = transformers.BertForSequenceClassification(tiny_config(30, layers=4))
+    small = transformers.BertForSequenceClassification(tiny_config(30, layers=1))
+    batch = {"input_ids": torch.randint(5, 30, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long)}
+    t = model_stats(big, batch, {"accuracy": 0.9}, repeats=2)
+    s = model_stats(small, batch, {"accuracy": 0.81}, repeats=2)
+    assert t["parameters"] == count_parameters(big) == sum(p.numel() for p in big.parameters())
+    assert t["size_bytes"] > s["size_bytes"] > 4 * s["parameters"] * 0.9
+    report = build_report(t, s, "accuracy")
+    assert report["metric_retained_percent"] == pytest.approx(90.0)
+    assert report["parameter_ratio"] == pytest.approx(s["parameters"] / t["parameters"], abs=1e-4)
+    table = format_report(report)
+    assert "90.0% retained" in table and "parameters" in table
