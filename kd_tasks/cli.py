@@ -14,7 +14,7 @@ EXAMPLES = """examples:
   kd-tasks nlp --config configs/nlp/sst2_minilm.yaml
   kd-tasks detect --teacher-config T.py --teacher-checkpoint T.pth --student-config S.py \
       --recipe configs/detection/cwd_retinanet_fpn.py --work-dir work/
-  kd-tasks face --help                            (face recognition; see the README for status)
+  kd-tasks face --teacher teacher.onnx --data faces/ --student mobilefacenet --output-dir out/
 """
 
 # subcommand -> (module with main(argv), one-line help, example)
@@ -23,14 +23,6 @@ COMMANDS = {
     "nlp": ("kd_tasks.nlp.distill", "compress a BERT-family model (Hugging Face Trainer)"),
     "detect": ("kd_tasks.detection.train", "distil an MMDetection 3.x detector"),
     "face": ("kd_tasks.face.train", "train a face-embedding student from a face-recognition teacher"),
-}
-
-PENDING = {
-    "face": (
-        "kd-tasks face is not available yet: the face adapter (kd_tasks.face) has not been built. Planned usage:\n"
-        "  kd-tasks face --teacher teacher.onnx --data faces/ --student mobilefacenet --output-dir out/\n"
-        "Until then, use kd_tasks.shared.Distiller with a relational loss (rkd, sp) on embeddings."
-    ),
 }
 
 
@@ -48,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXTRAS = {"nlp": "nlp", "detect": "detection", "face": "face"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -56,15 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     cmd, rest = argv[0], argv[1:]
-    if cmd in PENDING:
-        try:
-            module = importlib.import_module(COMMANDS[cmd][0])
-        except ImportError:
-            module = None
-        if module is None or not hasattr(module, "main"):
-            print(PENDING[cmd], file=sys.stderr if rest not in (["--help"], ["-h"]) else sys.stdout)
-            return 0 if rest in (["--help"], ["-h"]) else 2
-    module = importlib.import_module(COMMANDS[cmd][0])
+    try:
+        module = importlib.import_module(COMMANDS[cmd][0])
+    except ImportError as e:
+        if e.name and e.name.startswith("kd_tasks"):
+            raise
+        extra = EXTRAS.get(cmd, "all")
+        print(f"kd-tasks {cmd}: error: needs {e.name!r}, which is not installed; "
+              f"pip install 'kd-tasks[{extra}]'", file=sys.stderr)
+        return 2
     return int(module.main(rest) or 0)
 
 

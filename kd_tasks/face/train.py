@@ -1,0 +1,274 @@
+"""``kd-tasks face``: train a compact face-embedding student from a face-recognition teacher.
+
+Steps: split the identity folders into training and held-out verification identities; run the
+teacher once over both sets and cache its embeddings (:class:`~kd_tasks.shared.cache.TeacherCache`,
+keyed by the teacher file, the images and the preprocessing); train the student with a margin
+softmax head (ArcFace / CosFace / ...) on the training identities plus a distillation term on the
+embeddings, through the shared :class:`~kd_tasks.shared.training.Trainer` (checkpoints, resume,
+TensorBoard); evaluate verification (AUC, k-fold accuracy, TAR@FAR) on pairs of the held-out
+identities, for the teacher and the student. Outputs in ``--output-dir``:
+``export/model.safetensors`` + ``export/student.json`` (reload with
+:func:`kd_tasks.face.models.load_student`), ``verification.json``, ``log.jsonl``, ``tensorboard/``,
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EPILOG = """example:
+  kd-tasks face --teacher teacher.onnx --data faces/ --student mobilefacenet --embedding-dim 128 \\
+      --margin arcface --kd cosine --epochs 20 --output-dir runs/face
+  kd-tasks face --teacher dlib:dlib_face_recognition_resnet_model_v1.dat \\
+      --shape-predictor shape_predictor_5_face_landmarks.dat --data orl/ --kd margin_rkd --output-dir runs/dlib
+  kd-tasks face --config configs/face/mobilefacenet_arcface_cosine.yaml --teacher t.onnx --data faces/
+
+data: faces/<identity>/<image>.png|pgm|jpg; grayscale images are repeated to 3 channels.
+--teacher: an .onnx file, a TorchScript .pt file, or dlib:<path to dlib_face_recognition_resnet_model_v1.dat>.
+"""
+
+# --kd choice -> LOSSES config; True where student and teacher widths must be equal
+KD_LOSSES: dict[str, tuple[Any, bool]] = {
+    "cosine": ("embedding_cosine", True),
+    "l2": ("embedding_l2", True),
+    "mse": ("mse", True),
+    "rkd": ("rkd", False),
+    "sp": ("sp", False),
+    "pkt": ("pkt", False),
+    "cc": ("cc", False),
+    "margin_rkd": ("margin_rkd", False),
+    "none": (None, False),
+}
+MARGIN_CHOICES = ("arcface", "cosface", "sphereface", "softmax", "none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kd-tasks face",
+        description="Train a compact face-embedding student from a face-recognition teacher "
+                    "(margin softmax + embedding distillation), and report verification metrics.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of option values (keys as the long options, '-' or '_'); "
+                                    "command-line options override it")
+    g = p.add_argument_group("inputs")
+    g.add_argument("--teacher", help="teacher: .onnx, TorchScript .pt, or dlib:<path.dat> (required)")
+    g.add_argument("--data", help="folder of identity folders for training (required)")
+    g.add_argument("--val-data", help="folder of identity folders for verification (default: hold out "
+                                      "identities of --data)")
+    g.add_argument("--val-identities", type=int, default=None,
+                   help="identities of --data held out for verification (default: 25%%, at least 2)")
+    g.add_argument("--max-pairs", type=int, default=6000, help="at most this many verification pairs")
+    g.add_argument("--image-size", type=int, default=112, help="square image side for the student (112)")
+    g.add_argument("--teacher-input-size", type=int, default=None,
+                   help="the teacher reads the images at this side (default: --image-size; an ONNX model with a "
+                        "fixed input size gets its own size)")
+    g.add_argument("--shape-predictor", help="dlib teacher: shape_predictor_5_face_landmarks.dat for alignment")
+    g = p.add_argument_group("model and losses")
+    g.add_argument("--student", default="mobilefacenet", help="student architecture (mobilefacenet, "
+                                                               "mobilefacenet_s, resnet_face)")
+    g.add_argument("--embedding-dim", type=int, default=None, help="student embedding width (default: the teacher's)")
+    g.add_argument("--margin", default="arcface", choices=MARGIN_CHOICES,
+                   help="margin softmax on the training identities; none = distillation only")
+    g.add_argument("--margin-m", type=float, default=None, help="margin m (default: the head's, e.g. ArcFace 0.5)")
+    g.add_argument("--scale", type=float, default=32.0, help="logit scale s of the margin head (32)")
+    g.add_argument("--margin-weight", type=float, default=1.0, help="weight of the margin loss")
+    g.add_argument("--kd", default="cosine", choices=list(KD_LOSSES), help="distillation loss on the embeddings")
+    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term")
+    g = p.add_argument_group("training")
+    g.add_argument("--output-dir", help="where checkpoints, the student and the report go (required)")
+    g.add_argument("--epochs", type=float, default=10)
+    g.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw", "adam"))
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--scheduler", default="cosine", choices=("cosine", "linear", "constant"))
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--flip", action="store_true", help="random horizontal flips (the teacher cache keeps the "
+                                                        "un-flipped view)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the identity split")
+    g.add_argument("--eval-every", type=int, default=None, help="verify every N steps (and at the end)")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--cache-dir", help="teacher-embedding cache (default: <output-dir>/teacher_cache)")
+    g.add_argument("--rebuild-cache", action="store_true", help="recompute the cached teacher embeddings")
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or per-step console log")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    config_path = _find_config(argv)
+    if config_path is not None:
+        parser.set_defaults(**load_config(config_path, parser))
+    args = parser.parse_args(argv)
+    missing = [opt for opt in ("teacher", "data", "output_dir") if getattr(args, opt) is None]
+    if missing:
+        parser.error("missing " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return args
+
+
+def _find_config(argv: list[str] | None) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    return known.config
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Option values from a YAML mapping; unknown keys are rejected with close matches."""
+    import yaml
+
+    from kd_tasks.shared.errors import KDConfigError, suggest
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path!r} not found")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise KDConfigError(f"config {path!r} must be a mapping of option: value")
+    dests = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+    out = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests:
+            raise KDConfigError(f"config {path!r}: {suggest(dest, sorted(dests), 'option')}")
+        out[dest] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kd_tasks.shared.errors import KDError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        return run(args)
+    except (FileNotFoundError, KDError, ImportError) as e:
+        print(f"kd-tasks face: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_terms(kd: str, weight: float, student_dim: int, teacher_dim: int) -> list[dict[str, Any]]:
+    """The distiller terms of a ``--kd`` choice (a linear connector when widths must match and differ)."""
+    loss, same_width = KD_LOSSES[kd]
+    if loss is None or weight == 0:
+        return []
+    term: dict[str, Any] = {"name": f"kd_{kd}", "loss": loss, "weight": weight}
+    if same_width and student_dim != teacher_dim:
+        term["connector"] = "linear"
+    return [term]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from kd_tasks.shared.cache import TeacherCache
+    from kd_tasks.shared.distiller import Distiller
+    from kd_tasks.shared.errors import KDConfigError
+    from kd_tasks.shared.training import TrainConfig, Trainer
+
+    from . import losses as _face_losses  # noqa: F401 (registers the face losses)
+    from .data import IdentityFolder, split_identities, verification_pairs
+    from .margins import MarginSoftmaxLoss, build_margin_head
+    from .models import build_student, write_spec
+    from .teachers import load_teacher
+    from .verify import embed, evaluate_embeddings
+
+    if args.margin == "none" and args.kd == "none":
+        raise KDConfigError("--margin none with --kd none leaves nothing to train on; choose one")
+    if not Path(args.data).is_dir():
+        raise FileNotFoundError(f"--data folder {args.data!r} not found")
+    output_dir = Path(args.output_dir)
+    teacher = load_teacher(args.teacher, shape_predictor=args.shape_predictor)
+
+    if args.val_data:
+        train_ids, val_root, val_ids = None, args.val_data, None
+    else:
+        train_ids, val_ids = split_identities(args.data, num_test=args.val_identities, seed=args.split_seed)
+        val_root = args.data
+    train_view = IdentityFolder(args.data, args.image_size, train_ids)
+    train_set = IdentityFolder(args.data, args.image_size, train_ids, flip=True) if args.flip else train_view
+    val_set = IdentityFolder(val_root, args.image_size, val_ids)
+    # the teacher's view of the same samples (same order), e.g. larger images for a bigger teacher
+    teacher_size = args.teacher_input_size or args.image_size
+    teacher_train = IdentityFolder(args.data, teacher_size, train_ids)
+    teacher_val = IdentityFolder(val_root, teacher_size, val_ids)
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "teacher_cache"
+    key = {"teacher_id": teacher.fingerprint(), "rebuild": args.rebuild_cache, "batch_size": 32}
+    train_cache = TeacherCache.load_or_build(teacher, teacher_train, cache_dir / "train", **key)
+    val_cache = TeacherCache.load_or_build(teacher, teacher_val, cache_dir / "val", **key)
+    teacher_dim = int(train_cache.arrays["output"].shape[1])
+    print(f"teacher embeddings: {train_cache.status} (train, {len(train_cache)}), {val_cache.status} "
+          f"(val, {len(val_cache)}), dim {teacher_dim} -- {cache_dir}")
+
+    pairs = verification_pairs(val_set.labels, max_pairs=args.max_pairs, seed=args.split_seed)
+    teacher_metrics = evaluate_embeddings(val_cache.arrays["output"], pairs)
+
+    student_dim = args.embedding_dim or teacher_dim
+    torch.manual_seed(args.seed)
+    student = build_student(args.student, embedding_dim=student_dim, input_size=args.image_size)
+    task_loss = None
+    if args.margin != "none":
+        head_kwargs = {"scale": args.scale}
+        if args.margin_m is not None and args.margin != "softmax":
+            head_kwargs["margin"] = int(args.margin_m) if args.margin == "sphereface" else args.margin_m
+        head = build_margin_head(args.margin, student_dim, train_view.num_classes, **head_kwargs)
+        task_loss = MarginSoftmaxLoss(head)
+    terms = build_terms(args.kd, args.kd_weight, student_dim, teacher_dim)
+    distiller = Distiller(student, None, terms=terms, task_loss=task_loss, task_weight=args.margin_weight)
+
+    def eval_fn(model):
+        return evaluate_embeddings(embed(model, val_set), pairs)
+
+    config = TrainConfig(
+        output_dir=str(output_dir), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, scheduler=args.scheduler,
+        warmup_steps=args.warmup_steps, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
+        log_every=args.log_every, resume=bool(args.resume), cpu=args.cpu, progress=not args.quiet,
+        console=not args.quiet, drop_last=len(train_set) >= 2 * args.batch_size,
+    )
+    result = Trainer(distiller, train_set, config, eval_fn=eval_fn,
+                     teacher_cache=train_cache if terms else None).fit()
+    write_spec(student, result.export_dir)
+
+    report = {
+        "teacher": teacher_metrics,
+        "student": result.metrics,
+        "steps": result.step,
+        "pairs": int(len(pairs)),
+        "train_identities": train_view.num_classes,
+        "train_images": len(train_view),
+        "val_identities": val_set.num_classes,
+        "val_images": len(val_set),
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "args": {k: v for k, v in vars(args).items()},
+    }
+    if hasattr(teacher, "stats"):
+        report["teacher_stats"] = dict(teacher.stats)
+    (output_dir / "verification.json").write_text(json.dumps(report, indent=1))
+    print(format_report(report))
+    return 0
+
+
+def format_report(report: dict[str, Any]) -> str:
+    keys = ("auc", "accuracy", "accuracy_std", "tar@far=0.01", "tar@far=0.1")
+    lines = [f"verification on {report['pairs']} pairs of {report['val_identities']} held-out identities:",
+             f"{'':8}" + "".join(f"{k:>14}" for k in keys)]
+    for who in ("teacher", "student"):
+        m = report[who]
+        lines.append(f"{who:8}" + "".join(f"{m.get(k, float('nan')):>14.4f}" for k in keys))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
