@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd_tasks.classify import Net, Pairs, digits
 from kd_tasks.shared.cache import TeacherCache
 from kd_tasks.shared.config import load_config
 from kd_tasks.shared.distiller import Distiller
@@ -50,30 +51,6 @@ RECIPES = ROOT / "configs" / "shared"
 
 
 # ----------------------------------------------------------------------------- data
-
-
-class Pairs(torch.utils.data.Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        return self.x[i], self.y[i]
-
-
-def digits() -> tuple[Pairs, Pairs, str]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    tr, te = train_test_split(np.arange(len(y)), test_size=0.3, stratify=d.target, random_state=0)
-    mean, std = x[tr].mean(), x[tr].std()
-    x = (x - mean) / std
-    return Pairs(x[tr], y[tr]), Pairs(x[te], y[te]), f"sklearn digits: {len(tr)} train / {len(te)} test, 8x8"
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -107,27 +84,6 @@ def fashion(train_size: int, test_size: int) -> tuple[Pairs, Pairs, str]:
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class Net(nn.Module):
-    """Three conv stages named like a ResNet (``layer1..3``, ``avgpool``, ``fc``)."""
-
-    def __init__(self, widths: tuple[int, int, int], size: int, classes: int = 10):
-        super().__init__()
-        s1 = 2 if size > 16 else 1
-        self.layer1 = block(1, widths[0], s1)
-        self.layer2 = block(widths[0], widths[1], 2)
-        self.layer3 = block(widths[1], widths[2], 1)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[2], classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 class MLP(nn.Module):

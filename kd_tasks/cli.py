@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   kd-tasks detect --teacher-config T.py --teacher-checkpoint T.pth --student-config S.py \
       --recipe configs/detection/cwd_retinanet_fpn.py --work-dir work/
   kd-tasks face --teacher teacher.onnx --data faces/ --student mobilefacenet --output-dir out/
+  kd-tasks classify --recipe configs/shared/scheme_takd.yaml --data imgs/ --teacher resnet50 --teacher-weights T.pth --assistant resnet34 --student resnet18
 """
 
 # subcommand -> (module with main(argv), one-line help, example)
@@ -23,6 +24,7 @@ COMMANDS = {
     "nlp": ("kd_tasks.nlp.distill", "compress a BERT-family model (Hugging Face Trainer)"),
     "detect": ("kd_tasks.detection.train", "distil an MMDetection 3.x detector"),
     "face": ("kd_tasks.face.train", "train a face-embedding student from a face-recognition teacher"),
+    "classify": ("kd_tasks.classify", "distil an image classifier with any scheme recipe (torchvision models, ImageFolder data)"),
 }
 
 
