@@ -1,7 +1,8 @@
 """Channel-wise distillation (CWD) of the five FPN outputs, RetinaNet R50 teacher -> R18 student.
 
 Shu, Liu, Gao, Yan & Shen (ICCV 2021), "Channel-wise Knowledge Distillation for Dense Prediction".
-Each FPN level P3..P7 (``neck:0`` .. ``neck:4``) of the student follows the teacher's per-channel spatial
+Each FPN level P3..P7 (``neck@P3`` .. ``neck@P7``: the FPN output of stride 8 .. 128, whatever
+position the detector gives it) of the student follows the teacher's per-channel spatial
 distributions (temperature 1). The weight 5.0 per level is the value of the RetinaNet CWD configs of
 mmdetection-distiller (which sums the KL over positions and divides by N*C, as kd-tasks' ``cwd`` does);
 tune it per dataset. Both FPNs have 256 channels, so the ``auto`` connector is the identity; it becomes
@@ -16,7 +17,8 @@ a 1x1 convolution if the student's FPN is narrower.
 distill = dict(
     terms=[
         dict(name=f"cwd_p{level + 3}", loss=dict(type="cwd", temperature=1.0),
-             student=f"neck:{level}", teacher=f"neck:{level}", connector="auto", weight=5.0)
+             student=f"neck@P{level + 3}", teacher=f"neck@P{level + 3}", connector="auto",
+             weight=5.0)
         for level in range(5)
     ],
 )

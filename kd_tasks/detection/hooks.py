@@ -75,32 +75,36 @@ class DistillStepHook(Hook):
 
 @HOOKS.register_module()
 class TeacherCheckHook(Hook):
-    """Before training, checks that the teacher is a trained, loaded detector.
+    """Before training, checks that the teacher is a trained, loaded detector, and stops the run if not.
 
     1. Reports the teacher checkpoint's missing / unexpected keys (or that none was given).
-    2. On a fresh run (iteration 0), computes the detection loss of the teacher and of the untrained
-       student on the first ``num_batches`` batches of the training set (both in eval mode, no gradients, random-number
-       state preserved). A trained teacher has a much lower loss; if
-       ``teacher_loss > (1 - min_gain) · student_loss`` the teacher is no better than an untrained
-       network: its checkpoint probably did not load.
+    2. On a fresh run (iteration 0), computes the teacher's own detection loss on the first
+       ``num_batches`` batches of the training set, and the loss of an *untrained copy of the same
+       teacher* (same config, fresh random weights, no pretrained parts) on the same batches: same head,
+       same loss terms, so the two numbers are comparable whatever the student is. Both in eval mode,
+       without gradients, the random-number state preserved. A trained teacher has a much lower loss; if
+       ``teacher_loss > (1 - min_gain) · untrained_loss`` its checkpoint probably did not load, or is not
+       for these classes.
 
-    ``on_fail``: ``"warn"`` (default) logs a loud warning, ``"raise"`` stops the run with
-    :class:`KDConfigError`. A student initialised from a good checkpoint can trip the check; the
-    message says so. ``result`` keeps the measured numbers.
+    ``on_fail``: ``"raise"`` (default) stops the run with :class:`KDConfigError`; ``"warn"`` logs a loud
+    warning and goes on (``kd-tasks detect --teacher-check warn``). ``result`` keeps the measured numbers.
     """
 
     priority = "LOW"
 
-    def __init__(self, num_batches: int = 2, min_gain: float = 0.1, on_fail: str = "warn"):
+    def __init__(self, num_batches: int = 2, min_gain: float = 0.1, on_fail: str = "raise"):
         if on_fail not in ("warn", "raise"):
             raise KDConfigError(f"TeacherCheckHook on_fail must be 'warn' or 'raise', got {on_fail!r}")
+        if int(num_batches) < 1 or not 0.0 <= float(min_gain) < 1.0:
+            raise KDConfigError(f"TeacherCheckHook needs num_batches >= 1 and 0 <= min_gain < 1, got "
+                                f"num_batches={num_batches}, min_gain={min_gain}")
         self.num_batches, self.min_gain, self.on_fail = int(num_batches), float(min_gain), on_fail
         self.result: dict[str, Any] = {}
 
     def _fail(self, message: str) -> None:
         self.result["ok"] = False
         if self.on_fail == "raise":
-            raise KDConfigError(message)
+            raise KDConfigError(f"teacher check failed: {message} (to train anyway: --teacher-check warn)")
         print_log("!" * 20 + f" TEACHER CHECK FAILED: {message}", logger="current", level=logging.WARNING)
 
     def before_train(self, runner) -> None:
@@ -112,50 +116,49 @@ class TeacherCheckHook(Hook):
         elif not report.ok:
             self._fail(f"the teacher checkpoint does not match its config: {report.summary()}")
         if runner.iter > 0:
-            return  # resumed: the student is no longer an untrained reference
-        teacher_loss, student_loss = self.measure(model, self._first_batches(runner.train_dataloader))
-        self.result.update(teacher_loss=teacher_loss, student_loss=student_loss)
-        print_log(f"TeacherCheckHook: detection loss on {self.num_batches} training batches: teacher "
-                  f"{teacher_loss:.4f}, untrained student {student_loss:.4f}", logger="current")
-        if not teacher_loss <= (1.0 - self.min_gain) * student_loss:
+            return  # resumed: checked when the run started
+        teacher_loss, untrained_loss = self.measure(model, self._first_batches(runner.train_dataloader))
+        self.result.update(teacher_loss=teacher_loss, untrained_loss=untrained_loss)
+        print_log(f"TeacherCheckHook: the teacher's own detection loss on {self.num_batches} training batches: "
+                  f"{teacher_loss:.4f}; the same detector untrained: {untrained_loss:.4f}", logger="current")
+        if not teacher_loss <= (1.0 - self.min_gain) * untrained_loss:
             self._fail(
-                f"the teacher's detection loss ({teacher_loss:.4f}) is not clearly below the untrained student's "
-                f"({student_loss:.4f}): is the teacher checkpoint the trained one, for this config and these "
-                "classes? (A student that starts from a good checkpoint of its own can also cause this.)"
+                f"the teacher's detection loss ({teacher_loss:.4f}) is not clearly below that of the same detector "
+                f"with random weights ({untrained_loss:.4f}): is --teacher-checkpoint the trained one, for this "
+                "config and these classes?"
             )
 
     def _first_batches(self, dataloader):
         """The dataset's first batches, in order, from a loader of their own: the training loader's sampler
-        is left untouched (MMEngine's ``InfiniteSampler`` can be iterated only once)."""
+        is left untouched (MMEngine's ``InfiniteSampler`` can be iterated only once). The batch size is the
+        loader's, or its batch sampler's (MMDetection's stock configs use ``AspectRatioBatchSampler``, which
+        leaves ``DataLoader.batch_size`` unset)."""
         from torch.utils.data import DataLoader
 
         if not hasattr(dataloader, "dataset"):
             return dataloader
-        return DataLoader(dataloader.dataset, batch_size=dataloader.batch_size, shuffle=False, num_workers=0,
+        batch_size = dataloader.batch_size or getattr(getattr(dataloader, "batch_sampler", None), "batch_size", None)
+        return DataLoader(dataloader.dataset, batch_size=int(batch_size or 1), shuffle=False, num_workers=0,
                           collate_fn=dataloader.collate_fn)
 
     @torch.no_grad()
     def measure(self, model: DetectionDistiller, dataloader) -> tuple[float, float]:
-        """Mean detection loss of teacher and student over the first ``num_batches`` batches."""
-        teacher_total = student_total = 0.0
+        """Mean detection loss of the teacher and of its untrained copy over the first ``num_batches`` batches."""
+        teacher_total = untrained_total = 0.0
         count = 0
-        student_was_training = model.student.training
-        model.student.eval()
-        try:
-            with preserved_rng():
-                for batch in dataloader:
-                    data = model.data_preprocessor(batch, False)
-                    inputs, samples = data["inputs"], data["data_samples"]
-                    teacher_total += total_loss(model.teacher.loss(model.teacher_inputs(inputs), samples))
-                    student_total += total_loss(model.student.loss(inputs, samples))
-                    count += 1
-                    if count >= self.num_batches:
-                        break
-        finally:
-            model.student.train(student_was_training)
+        untrained = model.untrained_teacher()
+        with preserved_rng():
+            for batch in dataloader:
+                data = model.data_preprocessor(batch, False)
+                inputs, samples = model.teacher_inputs(data["inputs"]), data["data_samples"]
+                teacher_total += total_loss(model.teacher.loss(inputs, samples))
+                untrained_total += total_loss(untrained.loss(inputs, samples))
+                count += 1
+                if count >= self.num_batches:
+                    break
         if count == 0:
             raise KDConfigError("TeacherCheckHook: the training dataloader is empty")
-        return teacher_total / count, student_total / count
+        return teacher_total / count, untrained_total / count
 
 
 def export_student(model: DetectionDistiller, path: str | Path, meta: dict[str, Any] | None = None) -> Path:

@@ -9,42 +9,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 from kd_tasks.shared.errors import KDConfigError
+from kd_tasks.shared.losses.dense import boxes_to_mask
 from kd_tasks.shared.losses.feature import (FeatureLoss, as_target, masked_mean, per_sample_l2_normalize,
                                             shape_mismatch)
 from kd_tasks.shared.registry import LOSSES
 
 __all__ = ["ForegroundFeatureLoss", "boxes_to_mask"]
-
-
-def boxes_to_mask(boxes: Sequence[Tensor], feature_shape: Sequence[int], input_shape: Sequence[int]) -> Tensor:
-    """``(B, 1, h, w)`` float mask: 1 where a feature cell overlaps a box, else 0.
-
-    ``boxes[b]`` is an ``(n, 4)`` tensor of ``(x1, y1, x2, y2)`` in the pixels of the padded input of
-    size ``input_shape = (H, W)``; a map of ``(h, w)`` cells has strides ``H / h`` and ``W / w``, and
-    cell ``(i, j)`` spans ``[j·sx, (j+1)·sx) × [i·sy, (i+1)·sy)``. A cell belongs to the foreground when
-    that span overlaps a box by a positive area, so every box covers at least one cell on every level.
-    """
-    b, h, w = int(feature_shape[0]), int(feature_shape[-2]), int(feature_shape[-1])
-    if len(boxes) != b:
-        raise KDConfigError(f"fg_feature: {len(boxes)} box lists for a batch of {b}")
-    height, width = float(input_shape[0]), float(input_shape[1])
-    sy, sx = height / h, width / w
-    device = boxes[0].device if b else torch.device("cpu")
-    left = torch.arange(w, device=device, dtype=torch.float32) * sx
-    top = torch.arange(h, device=device, dtype=torch.float32) * sy
-    mask = torch.zeros(b, 1, h, w, device=device)
-    for i, img_boxes in enumerate(boxes):
-        if img_boxes.numel() == 0:
-            continue
-        bx = img_boxes.to(device=device, dtype=torch.float32)
-        cols = (left[None, :] < bx[:, 2:3]) & (left[None, :] + sx > bx[:, 0:1])  # (n, w)
-        rows = (top[None, :] < bx[:, 3:4]) & (top[None, :] + sy > bx[:, 1:2])  # (n, h)
-        mask[i, 0] = (rows[:, :, None] & cols[:, None, :]).any(dim=0).float()
-    return mask
 
 
 @LOSSES.register("fg_feature", "decoupled_feature")

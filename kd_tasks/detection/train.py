@@ -4,12 +4,14 @@ The student's config file is the base of the run (its datasets, schedule, optimi
 ``model`` becomes a :class:`~kd_tasks.detection.distiller.DetectionDistiller` holding the student, the
 teacher (from its own config file and checkpoint) and the recipe's terms. Multi-GPU and multi-machine
 runs go through MMEngine's ``pytorch`` launcher: start the command with ``torchrun`` (or
-``accelerate launch``) and pass ``--launcher pytorch``.
+``accelerate launch``) and pass ``--launcher pytorch``; on a machine without GPUs the same command
+trains with CPU processes over gloo (see :func:`_cpu_processes`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +27,7 @@ EPILOG = """example (RetinaNet R50 teacher -> R18 student, channel-wise distilla
       --recipe configs/detection/cwd_retinanet_fpn.py --work-dir work_dirs/cwd_r50_r18
 
   4 GPUs:  torchrun --nproc_per_node 4 -m kd_tasks.detection.train ... --launcher pytorch
+           (without GPUs the same command runs CPU processes over gloo)
            (or: accelerate launch --multi_gpu --num_processes 4 -m kd_tasks.detection.train ... --launcher pytorch)
   resume:  add --resume (latest checkpoint of --work-dir) or --resume work_dirs/x/iter_2000.pth
 
@@ -61,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'pytorch' under torchrun / accelerate launch (multi-GPU, multi-machine)")
     p.add_argument("--teacher-not-strict", action="store_true",
                    help="load a teacher checkpoint whose keys do not all match its config (warns instead of failing)")
+    p.add_argument("--teacher-check", choices=["raise", "warn"], default=None,
+                   help="what to do when the teacher's detection loss is not clearly below that of the same detector "
+                        "untrained (default: raise, i.e. stop before training; a TeacherCheckHook in the student "
+                        "config's custom_hooks keeps its own setting unless this flag is given)")
     p.add_argument("--cfg-options", nargs="+", action=from_mmengine, default=None, metavar="KEY=VALUE",
                    help="override config keys, e.g. train_dataloader.batch_size=4 model.distill.task_weight=0.5")
     return p
@@ -129,8 +136,7 @@ def build_config(args: argparse.Namespace):
         imports += [m for m in c.get("custom_imports", {}).get("imports", []) if m not in imports]
     cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
     cfg.default_scope = "mmdet"
-    hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") not in KD_HOOKS]
-    cfg.custom_hooks = hooks + [dict(type=name) for name in KD_HOOKS]
+    cfg.custom_hooks = _kd_hooks(cfg.get("custom_hooks", []), args)
     if isinstance(cfg.get("visualizer"), dict):  # MMDetection's fixed name 'visualizer' would send a second run
         cfg.visualizer.pop("name", None)  # in the same process to the first run's log directory
     cfg.work_dir = str(Path(args.work_dir).resolve())
@@ -145,8 +151,23 @@ def build_config(args: argparse.Namespace):
         if not isinstance(options, dict):
             raise KDConfigError(f"cfg_options must be a mapping of dotted keys to values, got {options!r}")
         cfg.merge_from_dict(options)
+    if not args.resume and cfg.get("load_from"):  # the student config's own starting weights
+        cfg.model["student_ckpt"] = _file(cfg.load_from, "the student config's load_from")
+        cfg.load_from = None
     _check_model_keys(cfg.model)
     return cfg
+
+
+def _kd_hooks(hooks: list, args: argparse.Namespace) -> list:
+    """The config's custom hooks with every kd-tasks hook present once: a user's own settings of a kd-tasks
+    hook are kept (``--teacher-check`` overrides that hook's ``on_fail``); missing ones are added."""
+    hooks = [dict(h) for h in hooks]
+    present = {h.get("type") for h in hooks}
+    hooks += [dict(type=name) for name in KD_HOOKS if name not in present]
+    for hook in hooks:
+        if hook.get("type") == "TeacherCheckHook" and args.teacher_check is not None:
+            hook["on_fail"] = args.teacher_check
+    return hooks
 
 
 def _check_model_keys(model_cfg) -> None:
@@ -179,12 +200,35 @@ def _iteration_schedule(cfg, max_iters: int) -> None:
     cfg.param_scheduler = [s for s in schedulers if not s.get("by_epoch", True)]  # epoch milestones do not apply
 
 
+def _cpu_processes(cfg) -> None:
+    """Multi-process training without GPUs (``--launcher pytorch`` on a CPU machine): MMEngine's pytorch
+    launcher calls ``torch.cuda.set_device`` and its DDP wrapper passes a CUDA device id, so the process
+    group is started here with gloo, and DDP is built without device ids."""
+    import torch
+    import torch.distributed as dist
+
+    if cfg.get("launcher") != "pytorch" or torch.cuda.is_available():
+        return
+    missing = [k for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise KDConfigError(f"--launcher pytorch needs the variables torchrun sets ({', '.join(missing)} missing): "
+                            "start the command with torchrun --nproc_per_node N -m kd_tasks.detection.train ...")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    wrapper = dict(cfg.get("model_wrapper_cfg") or {})
+    wrapper.setdefault("type", "MMDistributedDataParallel")
+    wrapper.setdefault("device_ids", None)
+    wrapper.setdefault("broadcast_buffers", False)
+    cfg.model_wrapper_cfg = wrapper
+
+
 def run(cfg) -> Any:
     """Build MMEngine's Runner from ``cfg`` and train; returns the runner."""
     from mmengine.runner import Runner
 
     import kd_tasks.detection  # noqa: F401  registers the model and hooks
 
+    _cpu_processes(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()
     return runner

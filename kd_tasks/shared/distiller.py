@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .checkpoint import preserved_rng
 from .connectors import LazyConnector
 from .errors import KDConfigError, NonFiniteLossError, ShapeMismatchError
 from .registry import LOSSES, SCHEMES, check_kwargs
@@ -182,6 +183,10 @@ class Distiller(nn.Module):
         self.__dict__["_teacher"] = teacher  # bypass nn.Module registration
         if teacher is not None:
             freeze(teacher)
+            for term in self.terms:  # losses that run teacher modules on student features (e.g. CrossKD)
+                if hasattr(term.loss, "bind_teacher"):
+                    term.loss.bind_teacher(teacher)
+        self.prepared_shapes: dict[str, tuple[Any, Any]] = {}  # term -> (student, teacher) shapes seen by prepare()
         self._student_taps = FeatureTaps(student, self._module_taps("student"))
         self._teacher_taps = (
             FeatureTaps(teacher, self._module_taps("teacher"), detach=True, stop_after_last=not self._needs("teacher", "logits", "output"))
@@ -241,16 +246,21 @@ class Distiller(nn.Module):
                 teacher_outputs: Mapping[str, Any] | None = None, **extra: Any) -> "Distiller":
         """Run one batch in eval mode to build lazy connectors/losses; build the optimiser after this.
 
-        Losses change no state in eval mode (CRD's memory bank included), so this step is side-effect free.
+        Losses change no state in eval mode (CRD's memory bank included), so this step is side-effect free,
+        and it leaves every global random generator as it found it: connectors and learnable loss parts are
+        initialised from a generator of their own (seeded from ``torch.initial_seed()``), so building them
+        shifts neither the student's initialisation nor the data order that follows.
         """
         was_training = self.training
         self.eval()
         try:
-            if index is None and any(getattr(t.loss, "needs_index", False) for t in self.terms):
-                batch = self.logits_fn(call_model(self.student, inputs)).shape[0]
-                index = torch.zeros(batch, dtype=torch.long)
-            self._compute(inputs, target, teacher_inputs=teacher_inputs, teacher_outputs=teacher_outputs,
-                          index=index, extra=extra, force_all=True)
+            with preserved_rng():
+                torch.manual_seed(distillation_seed())
+                if index is None and any(getattr(t.loss, "needs_index", False) for t in self.terms):
+                    batch = self.logits_fn(call_model(self.student, inputs)).shape[0]
+                    index = torch.zeros(batch, dtype=torch.long)
+                self._compute(inputs, target, teacher_inputs=teacher_inputs, teacher_outputs=teacher_outputs,
+                              index=index, extra=extra, force_all=True)
         finally:
             self.train(was_training)
         return self
@@ -293,7 +303,11 @@ class Distiller(nn.Module):
         outs = dict(self._teacher_taps.outputs)
         missing = self._teacher_taps.missing()
         if missing:
-            raise KDConfigError(f"teacher taps {missing} did not fire during the forward; is the module used?")
+            raise KDConfigError(f"teacher taps {missing} did not fire during the forward; is the module used "
+                                "(and, for a numbered call '#k', called that often)?")
+        error = self._teacher_taps.ambiguity_error("teacher")
+        if error is not None:
+            raise error
         if raw is not None:
             outs["output"] = raw
         return outs
@@ -306,7 +320,11 @@ class Distiller(nn.Module):
         s_outs = dict(self._student_taps.outputs, output=s_raw)
         missing = self._student_taps.missing()
         if missing:
-            raise KDConfigError(f"student taps {missing} did not fire during the forward; is the module used?")
+            raise KDConfigError(f"student taps {missing} did not fire during the forward; is the module used "
+                                "(and, for a numbered call '#k', called that often)?")
+        error = self._student_taps.ambiguity_error("student")
+        if error is not None:
+            raise error
 
         t_outs: dict[str, Any] = {}
         if active:
@@ -324,6 +342,8 @@ class Distiller(nn.Module):
         for term in active:
             s_val = self._gather(term, "student", s_outs)
             t_val = self._gather(term, "teacher", t_outs)
+            if force_all:
+                self.prepared_shapes[term.name] = (_shapes(s_val), _shapes(t_val))
             if term.name in self.connectors:
                 s_val = self._connect(term, s_val, t_val)
             kwargs = {k: v for k, v in extra.items() if _accepts(term.loss, k)}
@@ -396,9 +416,16 @@ class Distiller(nn.Module):
 def _shapes(v) -> Any:
     if isinstance(v, torch.Tensor):
         return tuple(v.shape)
-    if isinstance(v, tuple):
-        return tuple(_shapes(x) for x in v)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_shapes(x) for x in v)
     return type(v).__name__
+
+
+def distillation_seed(offset: int = 0) -> int:
+    """Seed for the generator that initialises distillation modules (connectors, learnable loss parts):
+    derived from the global seed (``torch.initial_seed()``), so a run is reproducible, but drawn from a
+    stream of its own, so building these modules never shifts the student's random numbers."""
+    return (torch.initial_seed() * 1_000_003 + 0x5EED + int(offset)) % (2**63 - 1)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -8,7 +8,14 @@ part of its output to keep::
     "bert.encoder:hidden_states.4"
                              a key of a dict / Hugging Face ``ModelOutput``, then element 4
     "head.cls@input"         the module's first positional *input* instead of its output
-    {"module": "neck", "index": 0}   the same as a dict
+    "head.cls_convs.2#0"     call 0 of a module that runs several times per forward (a detection head
+                             runs its convolutions once per FPN level: call k = level k)
+    "head.cls_convs.2#*"     every call, as a list in call order
+    {"module": "neck", "index": 0}   the same as a dict (``"call": 0`` for ``#0``)
+
+A module that fires more than once in a forward must name its call: an unnamed tap on it is
+refused (:meth:`FeatureTaps.ambiguous`) rather than silently keeping one of the calls, since the
+student and an early-stopped teacher would keep different ones.
 
 Models wrapped by ``DistributedDataParallel``, ``DataParallel``, Accelerate or ``torch.compile`` are
 unwrapped first, and names written with the wrapper's ``module.`` / ``_orig_mod.`` prefix also
@@ -64,21 +71,24 @@ class TapSpec:
     module: str
     path: tuple[str, ...] = ()
     use_input: bool = False
+    call: int | str | None = None  # None: the module must fire once; k: its k-th call; "*": every call
 
     @classmethod
     def parse(cls, spec: str | Mapping[str, Any] | "TapSpec") -> "TapSpec":
         if isinstance(spec, TapSpec):
             return spec
         if isinstance(spec, Mapping):
-            unknown = set(spec) - {"module", "index", "input"}
+            unknown = set(spec) - {"module", "index", "input", "call"}
             if unknown or "module" not in spec:
                 raise KDConfigError(
-                    f"tap {dict(spec)!r}: a tap dict has keys 'module' (required), 'index', 'input'; "
+                    f"tap {dict(spec)!r}: a tap dict has keys 'module' (required), 'index', 'input', 'call'; "
                     f"got {sorted(spec)}"
                 )
             index = spec.get("index")
             path = tuple(str(index).split(".")) if index is not None and index != "" else ()
-            return cls(str(spec["module"]), path, bool(spec.get("input", False)))
+            call = spec.get("call")
+            return cls(str(spec["module"]), path, bool(spec.get("input", False)),
+                       None if call is None else _parse_call(str(call), str(spec["module"])))
         if not isinstance(spec, str) or not spec:
             raise KDConfigError(f"tap spec must be a non-empty string or dict, got {spec!r}")
         use_input = False
@@ -86,11 +96,21 @@ class TapSpec:
             spec, use_input = spec[: -len("@input")], True
         name, _, index = spec.partition(":")
         path = tuple(index.split(".")) if index else ()
-        return cls(name, path, use_input)
+        name, sep, call = name.partition("#")
+        return cls(name, path, use_input, _parse_call(call, spec) if sep else None)
 
     def __str__(self) -> str:
-        s = self.module + (":" + ".".join(self.path) if self.path else "")
+        s = self.module + (f"#{self.call}" if self.call is not None else "")
+        s += ":" + ".".join(self.path) if self.path else ""
         return s + ("@input" if self.use_input else "")
+
+
+def _parse_call(call: str, spec: str) -> int | str:
+    if call == "*":
+        return "*"
+    if call.isdigit():
+        return int(call)
+    raise KDConfigError(f"tap {spec!r}: the call after '#' is a number (0 = first call) or '*' (every call), got {call!r}")
 
 
 def select(value: Any, path: tuple[str, ...], where: str = "") -> Any:
@@ -168,6 +188,8 @@ class FeatureTaps:
         self.detach = detach
         self.stop_after_last = stop_after_last
         self.outputs: dict[str, Any] = {}
+        self.calls: dict[str, int] = {}  # alias -> times its module fired in the last forward
+        self._full_calls: dict[str, int] | None = None  # call counts of the last forward that ran to the end
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # Resolve now so a wrong name fails before any training starts.
         self._modules = {alias: resolve_module(model, spec.module) for alias, spec in self.specs.items()}
@@ -191,6 +213,7 @@ class FeatureTaps:
 
     def clear(self) -> None:
         self.outputs = {}
+        self.calls = {}
 
     def __enter__(self) -> "FeatureTaps":
         return self.attach()
@@ -213,6 +236,10 @@ class FeatureTaps:
         def hook(module, args, kwargs, output):
             for alias in aliases:
                 spec = self.specs[alias]
+                call = self.calls.get(alias, 0)
+                self.calls[alias] = call + 1
+                if isinstance(spec.call, int) and spec.call != call:
+                    continue
                 if spec.use_input:
                     source: Any = args[0] if args else next(iter(kwargs.values()), None)
                 else:
@@ -220,11 +247,25 @@ class FeatureTaps:
                 value = select(source, spec.path, spec.module)
                 if self.detach and isinstance(value, torch.Tensor):
                     value = value.detach()
-                self.outputs[alias] = value
-            if self.stop_after_last and len(self.outputs) == len(self.specs):
+                if spec.call == "*":
+                    self.outputs.setdefault(alias, []).append(value)
+                else:
+                    self.outputs[alias] = value
+            if self.stop_after_last and self._complete():
                 raise _StopForward
 
         return hook
+
+    def _complete(self) -> bool:
+        """Every tap has all it needs: early stop is safe. Needs the call counts of one full forward
+        (the first forward always runs to the end), so a module that fires again later is never cut short."""
+        if self._full_calls is None or len(self.outputs) < len(self.specs):
+            return False
+        for alias, spec in self.specs.items():
+            if spec.call is None or spec.call == "*":
+                if self.calls.get(alias, 0) < self._full_calls.get(alias, 0):
+                    return False
+        return True
 
     def run(self, fn: Callable[[], Any]) -> Any:
         """Call ``fn()`` (a forward) with hooks attached; returns its result, or ``None`` if stopped early."""
@@ -232,17 +273,37 @@ class FeatureTaps:
         was_attached = self.attached
         self.attach()
         try:
-            return fn()
+            result = fn()
+            self._full_calls = dict(self.calls)
+            return result
         except _StopForward:
             return None
         finally:
             if not was_attached:
                 self.remove()
-        # (missing captures are reported by the caller, which knows which taps it needs)
+        # (missing and ambiguous captures are reported by the caller, which knows which taps it needs)
 
     def missing(self) -> list[str]:
-        """Aliases that did not fire during the last forward."""
+        """Aliases that did not fire (or whose numbered call did not happen) during the last forward."""
         return [a for a in self.specs if a not in self.outputs]
+
+    def ambiguous(self) -> dict[str, int]:
+        """``{alias: calls}`` for taps without a call number on modules that fired more than once."""
+        return {a: self.calls[a] for a, spec in self.specs.items() if spec.call is None and self.calls.get(a, 0) > 1}
+
+    def ambiguity_error(self, side: str) -> KDConfigError | None:
+        """A clear error for :meth:`ambiguous` taps, or ``None``."""
+        found = self.ambiguous()
+        if not found:
+            return None
+        alias, n = next(iter(found.items()))
+        spec = self.specs[alias]
+        base, rest = spec.module, (":" + ".".join(spec.path) if spec.path else "") + ("@input" if spec.use_input else "")
+        return KDConfigError(
+            f"{side} tap {alias!r}: module {spec.module!r} runs {n} times in one forward (e.g. a head shared by "
+            f"the FPN levels), so one call cannot be chosen silently; name it: '{base}#0{rest}' .. "
+            f"'{base}#{n - 1}{rest}' (call k = level k for detection heads), or '{base}#*{rest}' for a list of all"
+        )
 
 
 __all__ = ["FeatureTaps", "TapSpec", "unwrap_model", "resolve_module", "select"]

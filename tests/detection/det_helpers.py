@@ -28,6 +28,20 @@ def tiny_retinanet(base_channels: int, out_channels: int, num_classes: int = len
     )
 
 
+def tiny_faster_rcnn(base_channels: int = 16, out_channels: int = 32, num_classes: int = len(CLASSES)) -> dict:
+    """A tiny, randomly initialised two-stage detector from mmdet's bundled ``faster-rcnn_r50_fpn_1x_coco.py``:
+    its FPN returns P2-P6 (strides 4-64), one level finer than a RetinaNet's P3-P7."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(mmdet_config_dir() / "faster_rcnn" / "faster-rcnn_r50_fpn_1x_coco.py")).model
+    cfg.backbone.update(depth=18, base_channels=base_channels, init_cfg=None, frozen_stages=-1, norm_eval=False)
+    cfg.neck.update(in_channels=[base_channels * 2**i for i in range(4)], out_channels=out_channels)
+    cfg.rpn_head.update(in_channels=out_channels, feat_channels=out_channels)
+    cfg.roi_head.bbox_roi_extractor.update(out_channels=out_channels)
+    cfg.roi_head.bbox_head.update(in_channels=out_channels, fc_out_channels=64, num_classes=num_classes)
+    return cfg.to_dict()
+
+
 def make_images(n_images: int, seed: int = 0, size: int = 64) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``n_images`` BGR images with 1-2 filled rectangles (class 0) or ellipses (class 1) on noise:
     ``(image (size, size, 3) uint8, boxes (n, 4) float32 x1 y1 x2 y2, labels (n,) int64)``."""
@@ -110,7 +124,6 @@ def write_config(path: Path, data_root: Path, base_channels: int, out_channels: 
 model = dict(data_preprocessor=dict(pad_size_divisor=32), **{model!r})
 train_dataloader = dict(batch_size={batch_size}, num_workers=0, persistent_workers=False,
     sampler=dict(type='DefaultSampler', shuffle=True),
-    batch_sampler=None,
     dataset=dict(_delete_=True, **{dict(dataset, pipeline=pipeline)!r}))
 val_dataloader = dict(batch_size={batch_size}, num_workers=0, persistent_workers=False,
     dataset=dict(_delete_=True, test_mode=True, **{dict(dataset, pipeline=test_pipeline)!r}))

@@ -184,6 +184,9 @@ def test_teacher_forward_stops_after_last_tap_when_logits_unused():
     calls = []
     teacher[1].register_forward_hook(lambda *a: calls.append(1))
     d = Distiller(cnn(4), teacher, terms=[{"name": "h", "loss": "mse", "student": "0", "teacher": "0", "connector": "auto"}])
+    d(torch.randn(2, 3, 8, 8))  # the first teacher forward runs to the end: it counts each module's calls
+    assert calls == [1]
+    calls.clear()
     d(torch.randn(2, 3, 8, 8))
     assert calls == []
 
@@ -263,3 +266,23 @@ def test_crd_term_prepares_and_trains_with_indices():
     assert torch.isfinite(out["crd"]) and student[0][0].weight.grad is not None
     with pytest.raises(KDConfigError, match="index"):
         d(x[idx])
+
+
+def test_prepare_builds_connectors_from_a_generator_of_its_own():
+    """Building connectors must not move the global random stream (the student's init and data order)."""
+    import kd_tasks.shared as shared
+
+    def run(seed):
+        torch.manual_seed(seed)
+        student, teacher = nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+        d = shared.Distiller(student, teacher, terms=[
+            {"name": "kd", "loss": "kd"},
+            {"name": "h", "loss": "mse", "student": "0", "teacher": "0", "connector": "linear"}])
+        x = torch.randn(2, 4)
+        before = torch.get_rng_state()
+        d.prepare(x)
+        assert torch.equal(before, torch.get_rng_state())
+        return d.connectors["h"].inner.proj.weight.detach().clone()
+
+    assert torch.equal(run(3), run(3))  # reproducible for a seed
+    assert not torch.equal(run(3), run(4))  # and follows the seed

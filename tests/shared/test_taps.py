@@ -118,6 +118,8 @@ def test_stop_after_last_skips_rest_of_forward():
     net = Net()
     net.head.register_forward_hook(lambda *a: calls.append("head"))
     taps = FeatureTaps(net, {"n": "neck:0"}, stop_after_last=True)
+    assert taps.run(lambda: net(torch.randn(2, 4))) is not None  # the first forward counts every call
+    calls.clear()
     result = taps.run(lambda: net(torch.randn(2, 4)))
     assert result is None and calls == [] and "n" in taps.outputs
 
@@ -132,3 +134,64 @@ def test_detach_and_gradients():
     s.run(lambda: net(x))
     s.outputs["body.0"].sum().backward()
     assert net.body[0].weight.grad is not None
+
+
+class SharedHead(nn.Module):
+    """One convolution-like layer run once per level, as detection heads run their convs per FPN level."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Linear(4, 4)
+        self.after = nn.Linear(4, 4)
+
+    def forward(self, levels):
+        outs = [self.conv(x) for x in levels]
+        return [self.after(o) for o in outs]
+
+
+def test_numbered_calls_pick_one_call_or_all_of_them():
+    head = SharedHead()
+    levels = [torch.randn(2, 4) * (i + 1) for i in range(3)]
+    taps = FeatureTaps(head, ["conv#0", "conv#2", "conv#*"])
+    taps.run(lambda: head(levels))
+    expected = [head.conv(x) for x in levels]
+    assert torch.equal(taps.outputs["conv#0"], expected[0])
+    assert torch.equal(taps.outputs["conv#2"], expected[2])
+    assert len(taps.outputs["conv#*"]) == 3 and all(torch.equal(a, b) for a, b in zip(taps.outputs["conv#*"], expected))
+    assert TapSpec.parse("conv#1:0") == TapSpec("conv", ("0",), False, 1)
+    assert TapSpec.parse({"module": "conv", "call": 1}) == TapSpec("conv", (), False, 1)
+    assert str(TapSpec.parse("conv#1:0")) == "conv#1:0"
+    with pytest.raises(KDConfigError, match="call after '#'"):
+        TapSpec.parse("conv#first")
+
+
+def test_a_module_that_fires_several_times_must_name_its_call():
+    head = SharedHead()
+    taps = FeatureTaps(head, ["conv", "after#1"])
+    taps.run(lambda: head([torch.randn(2, 4) for _ in range(3)]))
+    assert taps.ambiguous() == {"conv": 3}
+    error = taps.ambiguity_error("student")
+    assert "runs 3 times" in str(error) and "'conv#0' .. 'conv#2'" in str(error) and "'conv#*'" in str(error)
+    single = FeatureTaps(head, ["conv#1"])
+    single.run(lambda: head([torch.randn(2, 4) for _ in range(3)]))
+    assert single.ambiguity_error("student") is None
+
+
+def test_early_stop_waits_for_the_numbered_call_and_never_cuts_a_repeated_module_short():
+    head = SharedHead()
+    levels = [torch.randn(2, 4) for _ in range(3)]
+    after_calls = []
+    head.after.register_forward_hook(lambda *a: after_calls.append(1))
+    taps = FeatureTaps(head, ["conv#1"], stop_after_last=True)
+    assert taps.run(lambda: head(levels)) is not None  # the first forward runs to the end (counts the calls)
+    after_calls.clear()
+    assert taps.run(lambda: head(levels)) is None  # then stops right after call 1
+    assert after_calls == [] and torch.equal(taps.outputs["conv#1"], head.conv(levels[1]))
+    every = FeatureTaps(head, ["conv#*"], stop_after_last=True)
+    every.run(lambda: head(levels))
+    every.run(lambda: head(levels))
+    assert len(every.outputs["conv#*"]) == 3  # stopped only after the last of the three calls
+    unnamed = FeatureTaps(head, ["conv"], stop_after_last=True)
+    unnamed.run(lambda: head(levels))
+    unnamed.run(lambda: head(levels))
+    assert unnamed.ambiguous() == {"conv": 3}  # not stopped after the first call: the repeat is seen

@@ -6,6 +6,7 @@ family         registry names
 logit          kd (hinton), dkd, dist, logit_mse, sigmoid_kd (bce_kd)
 feature        feature (mse, l1, smooth_l1, cosine), fitnet (hint), at (attention_transfer), fsp
 channel        cwd (channel_wise)
+dense          pkd, mgd, fgd, dense_kd, ld (localization_distillation); one FPN level per term
 relational     rkd, sp (similarity_preserving), pkt, cc (correlation_congruence), irg, crd
 attention      attention-map and MiniLM / MiniLMv2 relation losses for transformers
 =============  ====================================================================================
@@ -13,7 +14,7 @@ attention      attention-map and MiniLM / MiniLMv2 relation losses for transform
 
 import importlib
 
-_FAMILIES = ("logit", "feature", "channel", "relational", "attention")
+_FAMILIES = ("logit", "feature", "channel", "dense", "relational", "attention")
 
 for _name in _FAMILIES:
     try:
