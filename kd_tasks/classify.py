@@ -37,12 +37,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .shared.checkpoint import prepare_output_dir
 from .shared.config import check_keys, load_config
 from .shared.distiller import Distiller
-from .shared.errors import KDConfigError, KDError, suggest
+from .shared.errors import ArgumentParser, KDConfigError, run_cli, suggest
 from .shared.registry import SCHEMES
 from .shared.schemes import RECIPE_KEYS, AssistantChain, MutualLearning, SelfDistillation, scheme_from_recipe
 from .shared.training import TrainConfig, Trainer
+from .shared.validate import AT_LEAST_2, NON_NEG_INT, NON_NEGATIVE, POS_INT, POSITIVE, check_recipe_numbers, check_rules
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CHECK_IMAGES = 256  # validation images scored by the teacher check
@@ -102,10 +104,14 @@ def image_folder(root: str | Path, image_size: int) -> tuple[Any, Any, list[str]
     from torchvision import transforms as T
 
     root = Path(root)
+    if not root.is_dir():
+        raise KDConfigError(f"--data {str(root)!r} is not a directory",
+                            hint=f"give a folder with train/<class>/*.png and val/<class>/*.png")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise KDConfigError(f"--data {str(root)!r}: no {split}/ sub-folder; expected {root}/train/<class>/*.png "
                                 f"and {root}/val/<class>/*.png")
+        check_class_folders(root / split)
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     resize = T.Resize((image_size, image_size))
     train = tv.datasets.ImageFolder(str(root / "train"), T.Compose([resize, T.RandomHorizontalFlip(), *norm]))
@@ -113,6 +119,34 @@ def image_folder(root: str | Path, image_size: int) -> tuple[Any, Any, list[str]
     if train.classes != val.classes:
         raise KDConfigError(f"--data {str(root)!r}: train/ has classes {train.classes}, val/ has {val.classes}")
     return train, val, train.classes
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def check_class_folders(split: Path) -> None:
+    """At least two class folders, each holding at least one image file, every image readable by PIL.
+
+    Opening (not decoding) every image costs a file header read each; it turns a non-image file
+    into one clear error naming it instead of a crash in the middle of training."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(d for d in split.iterdir() if d.is_dir())
+    if len(classes) < 2:
+        raise KDConfigError(f"--data: {str(split)!r} has {len(classes)} class folder(s); classification needs at least 2",
+                            hint=f"put each class's images in its own folder: {split}/<class>/*.png")
+    for folder in classes:
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise KDConfigError(f"--data: class folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})",
+                                hint="add images or remove the folder")
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    img.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise KDConfigError(f"--data: {str(f)!r} is not a readable image ({type(e).__name__})",
+                                    hint="remove the file or replace it with a valid image") from None
 
 
 # ----------------------------------------------------------------------------- models
@@ -160,6 +194,17 @@ def cnn_widths(name: str) -> tuple[int, ...]:
     if not widths or min(widths) < 1:
         raise KDConfigError(f"model {name!r}: write the built-in CNN as cnn:WIDTH (e.g. cnn:16) or cnn:A-B-C (stage widths)")
     return tuple(widths[0] * 2 ** i for i in range(4)) if len(widths) == 1 else widths
+
+
+def check_model_name(name: str) -> None:
+    """Refuse an unknown model name (before any training), with the closest known names."""
+    if is_builtin(name):
+        cnn_widths(name)
+        return
+    tv = _torchvision()
+    known = tv.models.list_models(module=tv.models)
+    if name not in known:
+        raise KDConfigError(f"model: {suggest(name, known + ['cnn:WIDTH'], 'model')}")
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224) -> nn.Module:
@@ -275,20 +320,82 @@ def scheme_kind(recipe: Mapping[str, Any]) -> Any:
 def train_config(args: argparse.Namespace, recipe: Mapping[str, Any], output_dir: Path, **overrides: Any) -> TrainConfig:
     """Defaults, then the recipe's ``train`` section, then the options given on the command line."""
     cfg: dict[str, Any] = {"epochs": 10, "batch_size": 64, "lr": 0.05, "seed_samples": args.data is not None}
-    cfg.update(recipe.get("train") or {})
+    train = recipe.get("train") or {}
+    if not isinstance(train, Mapping):
+        raise KDConfigError(f"recipe {str(args.recipe)!r}: 'train' must be a mapping of settings, got {train!r}")
+    cfg.update(train)
     cfg.update({k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed") if getattr(args, k) is not None})
     if args.quiet:
         cfg.update(progress=False, console=False, tensorboard=False)
-    cfg.update(output_dir=str(output_dir), resume=args.resume, **overrides)
+    cfg.update(output_dir=str(output_dir), resume=args.resume, overwrite=args.overwrite, **overrides)
     if overrides.get("epochs") is not None:
         cfg.pop("max_steps", None)
-    return TrainConfig.from_dict(cfg)
+    config = TrainConfig.from_dict(cfg)
+    config.validate()
+    return config
+
+
+OPTION_RULES = {
+    "epochs": POSITIVE, "batch_size": POS_INT, "lr": POSITIVE, "seed": NON_NEG_INT, "image_size": POS_INT,
+    "num_classes": AT_LEAST_2, "train_teacher_epochs": NON_NEGATIVE,
+}
+
+
+def check_options(args: argparse.Namespace, recipe: Mapping[str, Any]) -> None:
+    """Every number of the command line and of the recipe, before any data is read or model built."""
+    check_rules(vars(args), OPTION_RULES)
+    if args.image_size is not None and args.image_size < 8:
+        raise KDConfigError(f"--image-size must be at least 8, got {args.image_size}", hint="give --image-size 8 or more")
+    check_recipe_numbers({k: v for k, v in recipe.items() if k != "train"}, str(args.recipe))
+    # the recipe's train section and the options together, as each stage will use them
+    train_config(args, recipe, Path(args.output_dir) / "student")
+
+
+def stage_dirs(out: Path) -> list[Path]:
+    """The run's stage sub-directories already present in ``out`` (teacher, assistant1, student...)."""
+    from .shared.checkpoint import run_outputs
+
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_dir() and run_outputs(p))
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse an --output-dir holding another run (any stage, or results.json) unless --resume / --overwrite."""
+    out = Path(args.output_dir)
+    from .shared.checkpoint import check_writable_dir, run_outputs
+
+    check_writable_dir(out, "--output-dir")
+    used = [f"{p.name}/ ({', '.join(run_outputs(p))})" for p in stage_dirs(out)]
+    if (out / "results.json").exists():
+        used.append("results.json")
+    if used and not (args.resume or args.overwrite):
+        from .shared.errors import OutputDirInUseError
+
+        raise OutputDirInUseError(f"--output-dir {str(out)!r} already holds a run ({'; '.join(used)})",
+                                  hint="pass --resume to continue it, --overwrite to replace it, or choose another "
+                                       "--output-dir")
+    if args.overwrite:
+        for stage in stage_dirs(out):
+            prepare_output_dir(stage, False, True, "--output-dir")
+        if (out / "results.json").exists():
+            (out / "results.json").unlink()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``kd-tasks classify`` does; returns the results written to ``results.json``."""
+    if args.resume and args.overwrite:
+        raise KDConfigError("--resume and --overwrite both given", hint="give --resume to continue the run in "
+                            "--output-dir, or --overwrite to replace it")
     recipe = load_config(args.recipe)
+    if not isinstance(recipe, Mapping):
+        raise KDConfigError(f"recipe {str(args.recipe)!r} must be a mapping (distill: / scheme: / train:), got "
+                            f"{type(recipe).__name__}")
     kind = scheme_kind(recipe)
+    check_options(args, recipe)
+    for name in [*(args.teacher or []), *(args.assistant or []), args.student]:
+        check_model_name(name)
+    check_output_dir(args)
     needs_teacher = kind not in (MutualLearning, SelfDistillation)
     if kind is AssistantChain and not args.assistant:
         raise KDConfigError("the TAKD recipe needs at least one --assistant NAME (mid-sized model, largest first)")
@@ -317,6 +424,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         channels = 1 if all(is_builtin(n) for n in names) else 3
         train_set, val_set, note = digits(args.image_size, channels)
         size, num_classes = train_set.x.shape[-1], 10
+    if num_classes < 2:
+        raise KDConfigError(f"--data has {num_classes} class; classification needs at least 2")
     if args.num_classes is not None and args.num_classes != num_classes:
         raise KDConfigError(f"--num-classes {args.num_classes}, but the data has {num_classes} classes")
     scheme_cfg = recipe.get("scheme")
@@ -331,9 +440,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(seed * 1000 + offset)
         return build_model(name, num_classes, channels, size)
 
+    identity = {"recipe": recipe, "data": note}
+
     def fit(scheme: nn.Module, stage: str, **overrides: Any) -> Any:
         cfg = train_config(args, recipe, out / stage, **overrides)
-        return Trainer(scheme, train_set, cfg, eval_fn=lambda m: {"accuracy": accuracy(m, val_set)}).fit()
+        return Trainer(scheme, train_set, cfg, eval_fn=lambda m: {"accuracy": accuracy(m, val_set)},
+                       identity=identity).fit()
 
     # teachers: loaded or trained, then checked
     teacher_models = []
@@ -396,7 +508,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="kd-tasks classify",
         description="Distil an image classifier with any scheme recipe of configs/shared "
                     "(offline, mutual, self, multi-teacher, adversarial, TAKD chain).",
@@ -423,19 +535,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="SGD learning rate (default: recipe, else 0.05)")
     p.add_argument("--output-dir", default="runs/classify", help="checkpoints, logs, exported student, results.json")
     p.add_argument("--resume", action="store_true", help="continue every stage from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (its checkpoints, logs, exports, results.json)")
     p.add_argument("--seed", type=int, help="seed of model initialisation and data order (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, console log or TensorBoard")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except KDError as e:
-        print(f"kd-tasks classify: error: {e}", file=sys.stderr)
-        return 2
+def _main(argv: list[str]) -> int:
+    run(build_parser().parse_args(argv))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kd-tasks classify``: one line and exit code 2 for any input error (see :func:`run_cli`)."""
+    return run_cli("classify", _main, argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
-"""``kd-tasks``: one command, a subcommand per task. Parses, then calls one adapter entry point."""
+"""``kd-tasks``: one command, a subcommand per task. Parses, then calls one adapter entry point.
+
+Every subcommand runs inside the shared error boundary (:func:`kd_tasks.shared.errors.run_cli`):
+an input error is one line ``kd-tasks <cmd>: error: <what> — <fix>`` with exit code 2; ``--debug``
+(anywhere on the line) or ``KD_TASKS_DEBUG=1`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import Callable
 
 from . import __version__
+from .shared.errors import DEBUG_FLAG, ArgumentParser, KDError, run_cli
 
 EXAMPLES = """examples:
   kd-tasks demo                                   distil a CNN on bundled digits images (offline)
@@ -29,13 +36,15 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="kd-tasks",
         description="Knowledge distillation for object detection, face recognition and BERT-style NLP.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"kd-tasks {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (also: environment KD_TASKS_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -45,24 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRAS = {"nlp": "nlp", "detect": "detection", "face": "face"}
 
 
+def _subcommand(cmd: str) -> Callable[[list[str]], int | None]:
+    def body(rest: list[str]) -> int | None:
+        try:
+            module = importlib.import_module(COMMANDS[cmd][0])
+        except ImportError as e:
+            if not e.name or e.name.startswith("kd_tasks"):
+                raise
+            extra = EXTRAS.get(cmd, "all")
+            raise KDError(f"needs {e.name!r}, which is not installed",
+                          hint=f"pip install 'kd-tasks[{extra}]'") from e
+        return module.main(rest)
+
+    return body
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # handles --help / --version / errors
         parser.print_help()
         return 2
     cmd, rest = argv[0], argv[1:]
-    try:
-        module = importlib.import_module(COMMANDS[cmd][0])
-    except ImportError as e:
-        if e.name and e.name.startswith("kd_tasks"):
-            raise
-        extra = EXTRAS.get(cmd, "all")
-        print(f"kd-tasks {cmd}: error: needs {e.name!r}, which is not installed; "
-              f"pip install 'kd-tasks[{extra}]'", file=sys.stderr)
-        return 2
-    return int(module.main(rest) or 0)
+    # the subcommand's own main() runs its boundary too; this outer one catches what happens before
+    # (importing the adapter) and passes --debug on
+    return run_cli(cmd, _subcommand(cmd), rest + ([DEBUG_FLAG] if debug else []))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ teacher / student alone / student + KD accuracy (mean +- std over seeds), parame
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from typing import Callable
@@ -16,6 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .shared.config import distiller_from_config
+from .shared.errors import ArgumentParser, run_cli
+from .shared.validate import POS_INT, check_rules
+
+OPTION_RULES = {"seeds": POS_INT, "epochs": POS_INT, "student_width": POS_INT, "teacher_width": POS_INT}
 
 
 def conv_net(width: int, hidden: int, n_classes: int = 10) -> nn.Module:
@@ -80,6 +83,8 @@ def n_params(m: nn.Module) -> int:
 
 
 def run(seeds: int = 3, epochs: int = 30, student_width: int = 4, teacher_width: int = 32) -> dict:
+    check_rules({"seeds": seeds, "epochs": epochs, "student_width": student_width, "teacher_width": teacher_width},
+                OPTION_RULES)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     x_tr, y_tr, x_te, y_te = load_digits_split(seed=0)
     t0 = time.perf_counter()
@@ -120,16 +125,21 @@ def _fmt(xs: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    """``kd-tasks demo`` inside the shared error boundary (one line, exit 2, for a bad option)."""
+    return run_cli("demo", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    p = ArgumentParser(
         prog="kd-tasks demo",
         description="Distil a CNN on scikit-learn's bundled 8x8 digits (real data, offline): teacher, "
         "student alone and student + Hinton KD (T=4, half CE, half KD).",
         epilog="example: kd-tasks demo --seeds 3 --epochs 30",
     )
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--student-width", type=int, default=4)
-    p.add_argument("--teacher-width", type=int, default=32)
+    p.add_argument("--seeds", type=int, default=3, help="students trained per variant (>= 1)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs of every model (>= 1)")
+    p.add_argument("--student-width", type=int, default=4, help="channels of the student's first conv (>= 1)")
+    p.add_argument("--teacher-width", type=int, default=32, help="channels of the teacher's first conv (>= 1)")
     a = p.parse_args(argv)
     r = run(a.seeds, a.epochs, a.student_width, a.teacher_width)
     print(f"digits: {r['n_train']} train / {r['n_test']} test images, {r['epochs']} epochs, {a.seeds} seeds")

@@ -183,3 +183,69 @@ def test_resume_after_a_finished_run_trains_nothing_more(offline_run):
     after = load_file(results["student_weights"])
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [s.stat().st_mtime_ns for s in states] == saved  # both stages resumed at their end: no new checkpoint
+
+
+# ------------------------------------------------------------------ runs that must not mix
+
+DIGITS = ["--dataset", "digits", "--teacher", "cnn:4", "--train-teacher-epochs", "0.2", "--student", "cnn:2"]
+
+
+def test_ctrl_c_exits_130_naming_the_step_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from kd_tasks.shared.training import Trainer
+
+    code, _ = classify(tmp_path / "straight", "offline_hinton.yaml", *DIGITS, "--epochs", "0.5")
+    assert code == 0
+    original = Trainer._after_step
+
+    def interrupt_student_step_3(self):
+        if self.step == 3 and self.config.output_dir.endswith("student"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_after_step", interrupt_student_step_3)
+    code, _ = classify(tmp_path / "run", "offline_hinton.yaml", *DIGITS, "--epochs", "0.5")
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert "kd-tasks classify: interrupted: saved step 3; continue with --resume" in err
+    monkeypatch.setattr(Trainer, "_after_step", original)
+    code, _ = classify(tmp_path / "run", "offline_hinton.yaml", *DIGITS, "--epochs", "0.5")
+    assert code == 2 and "--resume" in capsys.readouterr().err  # the interrupted run is not silently restarted
+    code, results = classify(tmp_path / "run", "offline_hinton.yaml", *DIGITS, "--epochs", "0.5", "--resume")
+    assert code == 0
+    a = load_file(str(tmp_path / "straight" / "student" / "export" / "model.safetensors"))
+    b = load_file(results["student_weights"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "student" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one run's log: no step logged twice
+
+
+def test_a_second_run_into_a_used_directory_is_refused_then_overwritten(tmp_path, capsys):
+    code, first = classify(tmp_path, "offline_hinton.yaml", *DIGITS, "--epochs", "0.2")
+    assert code == 0
+    weights = Path(first["student_weights"]).read_bytes()
+    code, _ = classify(tmp_path, "offline_hinton.yaml", *DIGITS, "--epochs", "0.2", "--seed", "1")
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert Path(first["student_weights"]).read_bytes() == weights  # the first run is untouched
+    code, second = classify(tmp_path, "offline_hinton.yaml", *DIGITS, "--epochs", "0.2", "--seed", "1", "--overwrite")
+    assert code == 0 and Path(second["student_weights"]).read_bytes() != weights
+    steps = [json.loads(line)["step"] for line in (tmp_path / "student" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_with_another_teacher_or_student_is_refused_naming_the_part(tmp_path, capsys):
+    code, _ = classify(tmp_path / "run", "offline_hinton.yaml", *DIGITS, "--epochs", "0.2")
+    assert code == 0
+    teacher = build_model("cnn:4", 10, in_channels=1, image_size=8)
+    torch.save(teacher.state_dict(), tmp_path / "other_teacher.pt")  # same shape, other weights
+    code, _ = classify(tmp_path / "run", "offline_hinton.yaml", "--dataset", "digits", "--teacher", "cnn:4",
+                       "--teacher-weights", str(tmp_path / "other_teacher.pt"), "--student", "cnn:2", "--epochs", "0.4",
+                       "--resume")
+    err = capsys.readouterr().err
+    assert code == 2 and "belongs to another run" in err and "teacher weights" in err and "Traceback" not in err
+    code, _ = classify(tmp_path / "run", "offline_hinton.yaml", *DIGITS[:-1], "cnn:3", "--epochs", "0.4", "--resume")
+    err = capsys.readouterr().err
+    assert code == 2 and "student architecture" in err and "Traceback" not in err

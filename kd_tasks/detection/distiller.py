@@ -295,7 +295,11 @@ class DetectionDistiller(BaseModel):
     def _extra(self, inputs: torch.Tensor, data_samples: list | None) -> dict[str, Any]:
         """Keyword arguments offered to every loss (a loss receives those its ``forward`` takes)."""
         boxes = [ds.gt_instances.bboxes for ds in data_samples] if data_samples else []
-        return {"gt_boxes": boxes, "input_shape": tuple(inputs.shape[-2:])}
+        extra = {"gt_boxes": boxes, "input_shape": tuple(inputs.shape[-2:])}
+        head = getattr(self.student, "bbox_head", None)
+        if isinstance(getattr(head, "cls_out_channels", None), int):  # classes per anchor of a dense head
+            extra["num_classes"] = head.cls_out_channels
+        return extra
 
     def loss(self, inputs: torch.Tensor, data_samples: list) -> dict[str, Any]:
         """Student detection losses + one weighted ``loss_<term>`` per distillation term."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kd_tasks.shared.config import check_keys, load_config
-from kd_tasks.shared.errors import KDConfigError, KDError
+from kd_tasks.shared.errors import ArgumentParser, KDConfigError, OutputDirInUseError, run_cli
 
 EPILOG = """example (RetinaNet R50 teacher -> R18 student, channel-wise distillation of the FPN outputs):
   kd-tasks detect \\
@@ -43,7 +43,7 @@ KD_HOOKS = ("DistillStepHook", "TeacherCheckHook", "SafeCheckpointHook", "Studen
 
 def build_parser() -> argparse.ArgumentParser:
     from_mmengine = _dict_action()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="kd-tasks detect",
         description="Distil an MMDetection 3.x teacher into a student with MMEngine's Runner.",
         epilog=EPILOG,
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint at the end; epoch-based LR milestones are dropped)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="resume: the latest checkpoint in --work-dir, or the given one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into a --work-dir that holds an earlier run: its checkpoints and exported student are "
+                        "removed first (other files stay); without it a used --work-dir is refused")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none",
                    help="'pytorch' under torchrun / accelerate launch (multi-GPU, multi-machine)")
     p.add_argument("--teacher-not-strict", action="store_true",
@@ -234,21 +237,48 @@ def run(cfg) -> Any:
     return runner
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+RUN_OUTPUTS = ("iter_*.pth", "epoch_*.pth", "last_checkpoint", "student.pth", "student_config.py")
+
+
+def check_work_dir(args: argparse.Namespace) -> None:
+    """Refuse a ``--work-dir`` that holds another run (its checkpoints would be mixed with this run's and its
+    exported student overwritten) unless ``--resume`` or ``--overwrite``; ``--overwrite`` removes that run's
+    checkpoints and export, nothing else. Only the main process removes files."""
+    work = Path(args.work_dir)
+    if work.exists() and not work.is_dir():
+        raise KDConfigError(f"--work-dir {args.work_dir!r} is a file", hint="give a directory path")
+    used = sorted(p for pattern in RUN_OUTPUTS for p in work.glob(pattern)) if work.is_dir() else []
+    if not used or args.resume:
+        return
+    if not args.overwrite:
+        raise OutputDirInUseError(
+            f"--work-dir {args.work_dir!r} holds an earlier run ({', '.join(p.name for p in used[:3])}"
+            f"{', ...' if len(used) > 3 else ''})",
+            hint="continue it with --resume, replace it with --overwrite, or choose another --work-dir")
+    if os.environ.get("RANK", "0") == "0":
+        for path in used:
+            path.unlink()
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         import mmdet  # noqa: F401
         import mmengine  # noqa: F401
     except ImportError as e:
-        print(f"kd-tasks detect: error: needs MMDetection 3.x ({e}); pip install 'kd-tasks[detection]'", file=sys.stderr)
-        return 2
-    try:
-        cfg = build_config(args)
-        run(cfg)
-    except KDError as e:
-        print(f"kd-tasks detect: error: {e}", file=sys.stderr)
-        return 2
+        raise KDConfigError(f"kd-tasks detect needs MMDetection 3.x ({e})",
+                            hint="pip install 'kd-tasks[detection]'") from None
+    if args.resume and args.overwrite:
+        raise KDConfigError("--resume and --overwrite contradict each other", hint="give one of them")
+    cfg = build_config(args)
+    check_work_dir(args)
+    run(cfg)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``kd-tasks detect``: one-line errors and exit code 2 for wrong inputs (the shared boundary)."""
+    return run_cli("detect", _main, argv)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,15 @@ class FaceTransform:
         """The resized RGB image as ``uint8`` ``(H, W, 3)`` (before scaling)."""
         from PIL import Image
 
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8).copy()
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+                return np.asarray(img, dtype=np.uint8).copy()
+        except (OSError, SyntaxError, ValueError) as e:  # not an image, truncated, unsupported mode
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise KDConfigError(f"face image {str(path)!r} cannot be read ({type(e).__name__}: {e})",
+                                hint="remove the file or replace it with a valid image") from None
 
     def __call__(self, path: str | os.PathLike) -> torch.Tensor:
         x = torch.from_numpy(self.load(path)).permute(2, 0, 1).float().div_(255.0).sub_(0.5).div_(0.5)

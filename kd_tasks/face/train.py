@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +45,46 @@ KD_LOSSES: dict[str, tuple[Any, bool]] = {
 MARGIN_CHOICES = ("arcface", "cosface", "sphereface", "softmax", "none")
 
 
+def option_rules() -> dict[str, tuple]:
+    from kd_tasks.shared.validate import AT_LEAST_2, NON_NEG_INT, NON_NEGATIVE, POS_INT, POSITIVE
+
+    return {
+        "val_identities": AT_LEAST_2, "max_pairs": AT_LEAST_2, "image_size": ("int", 8, None, False),
+        "teacher_input_size": ("int", 8, None, False), "embedding_dim": POS_INT, "margin_m": NON_NEGATIVE,
+        "scale": POSITIVE, "margin_weight": NON_NEGATIVE, "kd_weight": NON_NEGATIVE, "epochs": POSITIVE,
+        "max_steps": POS_INT, "batch_size": ("int", 2, None, False), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEG_INT, "seed": NON_NEG_INT, "split_seed": NON_NEG_INT, "eval_every": POS_INT,
+        "save_every": POS_INT, "log_every": POS_INT,
+    }
+
+
+def check_options(args: argparse.Namespace, config_path: str | None = None) -> None:
+    """Every numeric option (from the command line or the --config file), named, before any work."""
+    from kd_tasks.shared.errors import KDConfigError
+    from kd_tasks.shared.validate import check_rules
+
+    check_rules(vars(args), option_rules())
+    for key in ("teacher", "data", "output_dir", "val_data", "cache_dir", "shape_predictor", "student"):
+        value = getattr(args, key)
+        if value is not None and not isinstance(value, str):
+            where = f" (in {config_path})" if config_path else ""
+            raise KDConfigError(f"--{key.replace('_', '-')}{where} must be a path or name, got {value!r}")
+    for key, choices in (("margin", MARGIN_CHOICES), ("kd", tuple(KD_LOSSES)), ("optimizer", ("sgd", "adamw", "adam")),
+                         ("scheduler", ("cosine", "linear", "constant"))):
+        if getattr(args, key) not in choices:
+            raise KDConfigError(f"--{key} must be one of {', '.join(choices)}, got {getattr(args, key)!r}")
+    for key in ("flip", "resume", "overwrite", "rebuild_cache", "cpu", "quiet"):
+        if not isinstance(getattr(args, key), bool):
+            raise KDConfigError(f"--{key.replace('_', '-')} must be true or false, got {getattr(args, key)!r}")
+    if args.resume and args.overwrite:
+        raise KDConfigError("--resume and --overwrite both given",
+                            hint="--resume continues the run in --output-dir, --overwrite replaces it: give one")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from kd_tasks.shared.errors import ArgumentParser
+
+    p = ArgumentParser(
         prog="kd-tasks face",
         description="Train a compact face-embedding student from a face-recognition teacher "
                     "(margin softmax + embedding distillation), and report verification metrics.",
@@ -98,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (checkpoints, logs, export; the teacher cache stays)")
     g.add_argument("--cache-dir", help="teacher-embedding cache (default: <output-dir>/teacher_cache)")
     g.add_argument("--rebuild-cache", action="store_true", help="recompute the cached teacher embeddings")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
@@ -114,6 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     missing = [opt for opt in ("teacher", "data", "output_dir") if getattr(args, opt) is None]
     if missing:
         parser.error("missing " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    check_options(args, config_path)
     return args
 
 
@@ -132,7 +172,11 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"config file {path!r} not found")
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise KDConfigError(f"config {path!r} is not valid YAML ({' '.join(str(e).split())})",
+                            hint="fix its syntax") from None
     if not isinstance(data, dict):
         raise KDConfigError(f"config {path!r} must be a mapping of option: value")
     dests = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
@@ -146,15 +190,10 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kd_tasks.shared.errors import KDError
+    """``kd-tasks face`` inside the shared error boundary (:func:`kd_tasks.shared.errors.run_cli`)."""
+    from kd_tasks.shared.errors import run_cli
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parse_args(argv)
-        return run(args)
-    except (FileNotFoundError, KDError, ImportError) as e:
-        print(f"kd-tasks face: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("face", lambda a: run(parse_args(a)), argv)
 
 
 def build_terms(kd: str, weight: float, student_dim: int, teacher_dim: int) -> list[dict[str, Any]]:
@@ -172,8 +211,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from kd_tasks.shared.cache import TeacherCache
+    from kd_tasks.shared.checkpoint import prepare_output_dir
     from kd_tasks.shared.distiller import Distiller
-    from kd_tasks.shared.errors import KDConfigError
+    from kd_tasks.shared.errors import KDConfigError, KDError
     from kd_tasks.shared.training import TrainConfig, Trainer
 
     from . import losses as _face_losses  # noqa: F401 (registers the face losses)
@@ -187,8 +227,18 @@ def run(args: argparse.Namespace) -> int:
         raise KDConfigError("--margin none with --kd none leaves nothing to train on; choose one")
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data folder {args.data!r} not found")
+    if args.val_data and not Path(args.val_data).is_dir():
+        raise FileNotFoundError(f"--val-data folder {args.val_data!r} not found")
     output_dir = Path(args.output_dir)
-    teacher = load_teacher(args.teacher, shape_predictor=args.shape_predictor)
+    prepare_output_dir(output_dir, args.resume, args.overwrite, "--output-dir")
+    try:
+        teacher = load_teacher(args.teacher, shape_predictor=args.shape_predictor)
+    except (KDError, OSError, ImportError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- a file that is not a model (bad ONNX, not TorchScript...)
+        raise KDConfigError(f"--teacher {args.teacher!r} cannot be loaded ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]})",
+                            hint="give a valid .onnx file, a TorchScript .pt file, or dlib:<path to .dat>") from None
 
     if args.val_data:
         train_ids, val_root, val_ids = None, args.val_data, None
@@ -234,11 +284,17 @@ def run(args: argparse.Namespace) -> int:
         output_dir=str(output_dir), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, scheduler=args.scheduler,
         warmup_steps=args.warmup_steps, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
-        log_every=args.log_every, resume=bool(args.resume), cpu=args.cpu, progress=not args.quiet,
-        console=not args.quiet, drop_last=len(train_set) >= 2 * args.batch_size,
+        log_every=args.log_every, resume=bool(args.resume), overwrite=args.overwrite, cpu=args.cpu,
+        progress=not args.quiet, console=not args.quiet, drop_last=len(train_set) >= 2 * args.batch_size,
     )
+    identity = {
+        "recipe": {k: getattr(args, k) for k in ("student", "embedding_dim", "margin", "margin_m", "scale",
+                                                 "margin_weight", "kd", "kd_weight", "image_size", "flip")},
+        "data": {"train": [str(p.relative_to(train_view.root)) for p, _ in train_view.samples],
+                 "cache": train_cache.key.digest},
+    }
     result = Trainer(distiller, train_set, config, eval_fn=eval_fn,
-                     teacher_cache=train_cache if terms else None).fit()
+                     teacher_cache=train_cache if terms else None, identity=identity).fit()
     write_spec(student, result.export_dir)
 
     report = {

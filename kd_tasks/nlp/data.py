@@ -124,14 +124,29 @@ def load_raw(
     files = {"train": train_file}
     if validation_file:
         files["validation"] = validation_file
+    flags = {"train": "--train-file", "validation": "--validation-file"}
     for split, path in files.items():
         if not os.path.isfile(path):
-            raise KDConfigError(f"{split} file {path!r} does not exist")
+            raise KDConfigError(f"{flags[split]} {path!r} does not exist", hint="check the path")
+        if os.path.getsize(path) == 0:
+            raise KDConfigError(f"{flags[split]} {path!r} is empty", hint="give a file with a header and examples")
     builder, options = file_format(train_file)
     if validation_file and file_format(validation_file)[0] != builder:
         raise KDConfigError("train and validation files must have the same format")
-    raw = datasets.load_dataset(builder, data_files=files, **options)
+    try:
+        raw = datasets.load_dataset(builder, data_files=files, **options)
+    except Exception as e:  # noqa: BLE001 -- unparsable rows, a header only, mixed types: the file is at fault
+        raise KDConfigError(f"cannot read the data files {', '.join(repr(p) for p in files.values())} as {builder} "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})",
+                            hint="check that every file is valid " + builder + " with the same columns") from None
+    for split, data in raw.items():
+        if len(data) == 0:
+            raise KDConfigError(f"{flags.get(split, split)} {files.get(split)!r} has no examples",
+                                hint="give a file with at least one example per class")
     if "validation" not in raw:
+        if len(raw["train"]) < 2:
+            raise KDConfigError(f"--train-file {train_file!r} has {len(raw['train'])} example: too few to hold out a "
+                                "validation split", hint="give more examples, or a --validation-file")
         parts = raw["train"].train_test_split(test_size=validation_fraction, seed=seed)
         raw = datasets.DatasetDict(train=parts["train"], validation=parts["test"])
     return raw
@@ -179,6 +194,10 @@ def task_spec(
             raise KDConfigError(f"the training data has no column {col!r}; " + suggest(col, columns, "column"))
     if task_type in ("classification", "multilabel", "token"):
         spec.label_names = collect_label_names(raw, spec)
+        if task_type == "classification" and len(spec.label_names) < 2:
+            raise KDConfigError(f"label column {spec.label_column!r} holds {len(spec.label_names)} distinct label(s) "
+                                f"({spec.label_names}); classification needs at least 2",
+                                hint="check --label-column and the data, or use --task-type regression")
     return spec
 
 

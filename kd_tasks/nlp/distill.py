@@ -20,7 +20,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-from ..shared.errors import KDConfigError, suggest
+from ..shared.errors import ArgumentParser, KDConfigError, KDError, run_cli, suggest
+from ..shared.validate import NON_NEG_INT, NON_NEGATIVE, POS_INT, POSITIVE, check_rules, number
 
 EPILOG = """examples:
   # DistilBERT-style: keep 6 of the teacher's layers, distil the logits
@@ -37,7 +38,7 @@ REQUIRED = ("teacher", "output_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="kd-tasks nlp",
         description="Distil a fine-tuned BERT-family teacher into a smaller student (Hugging Face Trainer).",
         epilog=EPILOG,
@@ -104,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logging-steps", type=int, default=50)
     g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: every epoch)")
     g.add_argument("--save-total-limit", type=int, default=2)
-    g.add_argument("--resume", help="resume from a checkpoint directory, or 'latest' in --output-dir")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue the run in --output-dir from its latest checkpoint (alone or 'latest'), "
+                        "or from the given checkpoint directory")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (its checkpoint-* directories and report are removed)")
     g.add_argument("--report-to", default="none", help="none, tensorboard, ...")
     g.add_argument("--latency-batch-size", type=int, default=32, help="batch size of the CPU latency measurement")
     g.add_argument("--no-report", action="store_true", help="skip the teacher-vs-student report")
@@ -119,7 +124,7 @@ def recipe_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any
     """Read a recipe; keys are option names (``student-layers`` or ``student_layers``)."""
     from ..shared.config import load_config
 
-    names = option_names(parser)
+    names = [n for n in option_names(parser) if n != "overwrite"]
     out = {}
     for key, value in load_config(path).items():
         dest = str(key).replace("-", "_")
@@ -139,10 +144,160 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if not getattr(args, n)]
     if missing:
         parser.error(f"missing {', '.join(missing)} (on the command line or in the --config recipe)")
+    check_options(args, parser, first.config)
     return args
 
 
+OPTION_RULES = {
+    "student_layers": POS_INT, "student_hidden_size": POS_INT, "student_heads": POS_INT,
+    "student_intermediate_size": POS_INT, "max_length": ("int", 8, None, False), "max_train_samples": POS_INT,
+    "max_eval_samples": POS_INT, "temperature": POSITIVE, "alpha_task": NON_NEGATIVE, "alpha_kd": NON_NEGATIVE,
+    "alpha_hidden": NON_NEGATIVE, "alpha_attention": NON_NEGATIVE, "alpha_value_relation": NON_NEGATIVE,
+    "alpha_qkv_relation": NON_NEGATIVE, "relation_heads": POS_INT, "epochs": POSITIVE, "batch_size": POS_INT,
+    "eval_batch_size": POS_INT, "gradient_accumulation_steps": POS_INT, "learning_rate": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "seed": NON_NEG_INT,
+    "logging_steps": POS_INT, "save_steps": POS_INT, "save_total_limit": POS_INT, "latency_batch_size": POS_INT,
+}
+ALPHAS = ("alpha_task", "alpha_kd", "alpha_hidden", "alpha_attention", "alpha_value_relation", "alpha_qkv_relation")
+
+
+def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser, config: str | None = None) -> None:
+    """Every setting, named, before any model or data is loaded (recipe values are not converted by
+    argparse unless they are strings, so their types are checked here too)."""
+    check_rules(vars(args), OPTION_RULES)
+    if args.max_steps is not None and args.max_steps != -1:
+        number(args.max_steps, "--max-steps", low=1, integer=True, hint="give --max-steps N >= 1 (or -1: use --epochs)")
+    if args.warmup is not None and args.warmup >= 1 and not float(args.warmup).is_integer():
+        raise KDConfigError(f"--warmup {args.warmup}: give a whole number of steps, or a fraction below 1")
+    if sum(float(getattr(args, a)) for a in ALPHAS) <= 0:
+        raise KDConfigError("every loss weight (--alpha-task, --alpha-kd, --alpha-hidden, ...) is 0: nothing to train",
+                            hint="give at least one of them a positive value")
+    choices = {a.dest: a.choices for a in parser._actions if a.choices}
+    strings = [a.dest for a in parser._actions if a.type is None and a.nargs is None and a.const is None
+               and not isinstance(a.default, bool) and a.dest not in ("help",)]
+    where = f" (in {config})" if config else ""
+    for dest, allowed in choices.items():
+        if getattr(args, dest) is not None and getattr(args, dest) not in allowed:
+            raise KDConfigError(f"--{dest.replace('_', '-')}{where} must be one of {', '.join(map(str, allowed))}, "
+                                f"got {getattr(args, dest)!r}")
+    for dest in ("student_layer_ids", "layer_map"):  # a recipe may list them: [0, 5, 11]
+        value = getattr(args, dest, None)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            setattr(args, dest, ",".join(str(v) for v in value))
+    for dest in strings:
+        value = getattr(args, dest, None)
+        if value is not None and not isinstance(value, str):
+            raise KDConfigError(f"--{dest.replace('_', '-')}{where} must be text, got {value!r}")
+    for flag in ("fp16", "bf16", "cpu", "no_report", "rebuild_cache", "overwrite"):
+        if not isinstance(getattr(args, flag), bool):
+            raise KDConfigError(f"--{flag.replace('_', '-')}{where} must be true or false, got {getattr(args, flag)!r}")
+    if args.fp16 and args.bf16:
+        raise KDConfigError("--fp16 and --bf16 both given", hint="choose one precision")
+    if args.resume and args.overwrite:
+        raise KDConfigError("--resume and --overwrite both given",
+                            hint="--resume continues the run in --output-dir, --overwrite replaces it: give one")
+
+
 # ----------------------------------------------------------------------------- the run
+
+RUN_FILE = "kd_run.json"  # the run's identity, written next to the Trainer's checkpoint-* directories
+OWN_OUTPUTS = ("kd_report.json", "kd_report.md", RUN_FILE)
+# options a resumed run may change (more epochs / steps move the end of the LR schedule; intervals)
+CHANGEABLE = ("epochs", "max_steps", "logging_steps", "save_steps", "save_total_limit", "resume", "overwrite",
+              "report_to", "no_report", "latency_batch_size", "eval_batch_size", "output_dir", "config")
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    import glob
+
+    found = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*")) if p.rsplit("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def prepare_output_dir(args: argparse.Namespace) -> str | bool | None:
+    """Refuse an --output-dir holding another run unless --resume / --overwrite; return what to resume.
+
+    The Hugging Face Trainer would otherwise mix the runs (its checkpoint rotation sorts every
+    ``checkpoint-*`` by step and deletes the oldest, whichever run wrote it). ``--overwrite`` removes
+    the earlier run's ``checkpoint-*`` directories and report (transformers 5 has no
+    ``overwrite_output_dir``: this is its meaning here); the saved model files are replaced at the end.
+    """
+    import shutil
+
+    from ..shared.checkpoint import check_writable_dir
+    from ..shared.errors import OutputDirInUseError
+
+    out = args.output_dir
+    check_writable_dir(out, "--output-dir")
+    checkpoints = _checkpoints(out)
+    used = [os.path.basename(c) for c in checkpoints[-2:]] + [f for f in ("config.json", "model.safetensors", *OWN_OUTPUTS)
+                                                              if os.path.exists(os.path.join(out, f))]
+    if args.resume:
+        if args.resume != "latest":
+            if not os.path.isdir(args.resume):
+                raise KDConfigError(f"--resume {args.resume!r}: no such checkpoint directory",
+                                    hint="give a checkpoint-N directory, or --resume alone for the latest in --output-dir")
+            return args.resume
+        if not checkpoints:
+            print(f"[kd-tasks nlp] --resume: no checkpoint in {out}; starting from scratch", file=sys.stderr, flush=True)
+            return None
+        return True
+    if used and not args.overwrite:
+        raise OutputDirInUseError(f"--output-dir {out!r} already holds a run ({', '.join(used)})",
+                                  hint="pass --resume to continue it, --overwrite to replace it, or choose another "
+                                       "--output-dir")
+    if args.overwrite:
+        for c in checkpoints:
+            shutil.rmtree(c)
+        for f in OWN_OUTPUTS:
+            if os.path.exists(os.path.join(out, f)):
+                os.remove(os.path.join(out, f))
+    return None
+
+
+def check_run_identity(args: argparse.Namespace, resume: str | bool | None, teacher, student, train_set) -> None:
+    """Write ``kd_run.json`` (fingerprints of teacher weights, student architecture and initial weights,
+    training data, settings) for a new run; on resume, refuse a run whose identity differs."""
+    from ..shared.checkpoint import atomic_write_bytes, check_identity, digest, state_digest
+
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in CHANGEABLE}
+    identity = {
+        "teacher": state_digest(teacher.state_dict()),
+        "student_architecture": digest([type(student).__name__, state_digest(student.state_dict(), with_values=False)]),
+        "student_init": state_digest(student.state_dict()),
+        "data": digest([len(train_set), getattr(train_set, "_fingerprint", None)]),
+        "settings": digest(settings),
+    }
+    path = os.path.join(args.output_dir, RUN_FILE)
+    if resume:
+        saved = None
+        if os.path.isfile(path):
+            try:
+                saved = json.loads(open(path).read())
+            except ValueError:
+                raise KDConfigError(f"{path!r} is damaged", hint="resume is not possible; start again with --overwrite")
+        details = {}
+        if saved and saved.get("options"):
+            changed = [f"{k} {saved['options'].get(k)!r} -> {v!r}" for k, v in settings.items()
+                       if k in saved["options"] and saved["options"][k] != v]
+            if changed:
+                details["settings"] = "changed: " + ", ".join(changed)
+        check_identity((saved or {}).get("identity"), identity, resume if isinstance(resume, str) else args.output_dir,
+                       details)
+        return
+    record = {"identity": identity, "options": json.loads(json.dumps(settings, default=str))}
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+
+
+def _load(flag: str, name: str, load):
+    """Run a model loader; a file that is not a model (truncated weights, garbage) is named with ``flag``."""
+    try:
+        return load()
+    except (KDError, ImportError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- a damaged model directory is an input error
+        raise KDConfigError(f"{flag} {name!r} cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:300]})",
+                            hint="give a directory saved with save_pretrained (config.json + weights) that is intact") from None
 
 
 def _training_arguments(args: argparse.Namespace):
@@ -267,18 +422,20 @@ def run(args: argparse.Namespace) -> dict:
 
     set_seed(args.seed)
     _quiet_progress_bars()
+    resume = prepare_output_dir(args)
     resolve_model_source(args.teacher, "teacher")  # a missing path fails here, named
     teacher_tok = load_tokenizer(args.teacher_tokenizer or args.teacher, "teacher tokenizer")
     raw = load_raw(args.task, args.train_file, args.validation_file, seed=args.seed)
     raw["train"] = _subset(raw["train"], args.max_train_samples, args.seed)
     raw["validation"] = _subset(raw["validation"], args.max_eval_samples, args.seed)
     spec = task_spec(raw, args.task_type, args.task, args.text_column, args.text_pair_column, args.label_column)
-    teacher = load_model(args.teacher, spec.task_type, "teacher")
+    teacher = _load("--teacher", args.teacher, lambda: load_model(args.teacher, spec.task_type, "teacher"))
     _check_head(spec, teacher)
     _align_labels(spec, teacher)
     _set_problem(teacher, spec)
 
-    student = student_from_spec(teacher, vars(args), spec.task_type, len(teacher_tok))
+    student = _load("--student", args.student or "(built from the teacher)",
+                    lambda: student_from_spec(teacher, vars(args), spec.task_type, len(teacher_tok)))
     _set_problem(student, spec)
     student_tok = (load_tokenizer(args.student, "student", required=False) if args.student else None) or teacher_tok
     separate = args.teacher_inputs == "separate"
@@ -317,7 +474,7 @@ def run(args: argparse.Namespace) -> dict:
         data_collator=collator, compute_metrics=metrics_fn(spec.task_type, spec.label_names),
         teacher_logits_fn=logits_fn,
     )
-    resume = True if args.resume == "latest" else args.resume
+    check_run_identity(args, resume, teacher, student, datasets["train"])
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     student_metrics = _metrics_only(trainer.evaluate())
@@ -343,15 +500,15 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``kd-tasks nlp`` and ``python -m kd_tasks.nlp.distill``; returns the exit code."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except KDConfigError as e:
-        print(f"kd-tasks nlp: error: {e}", file=sys.stderr)
-        return 2
+def _main(argv: list[str]) -> int:
+    run(parse_args(argv))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kd-tasks nlp`` and ``python -m kd_tasks.nlp.distill``; returns the exit code
+    (2 with one line for any input error: :func:`kd_tasks.shared.errors.run_cli`)."""
+    return run_cli("nlp", _main, None if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Later epochs and later runs look the outputs up by sample index instead of runni
 
     <dir>/meta.json     format, fingerprint (its parts and digest), sample count, arrays
     <dir>/out0.npy ...  one NumPy array per stored output, shape (num_samples, ...), memory-mapped
+    <dir>/ids.npy       (num_samples, 16) uint8: which sample each row belongs to (see below)
 
 Stored outputs: ``"output"`` -- the teacher's prediction (its logits or embedding, found like the
 Distiller finds logits) -- and any tapped features (``taps=["layer3", ...]``, stored under their
@@ -20,11 +21,24 @@ and what is stored (output names, dtype). Opening a cache whose parts differ rai
 ``--rebuild-cache``) or use another directory. Builds are atomic: written to a temporary directory,
 then renamed.
 
+Rows are bound to samples. Each row records its sample's id: the digest of the sample's source
+(``path`` and label of ``dataset.samples[i]``, as in torchvision's ``ImageFolder`` and the face
+``IdentityFolder``; through ``Subset``), or else of the sample's content. The training loop checks
+the training set against these ids (:meth:`TeacherCache.check_samples`), so a reordered or
+different training set is refused even when it has the same length, while an augmented view of the
+same files (other image size, random flips) is accepted.
+
+Damage. A missing or unreadable ``meta.json`` or array file, or an array of the wrong shape, is
+refused naming the file, with the rebuild hint.
+
 When a cache is invalid. The cache holds the teacher's outputs for *one fixed view* of each sample.
 With random augmentation the student sees a new view every epoch while the cached teacher output
 belongs to another (un-augmented) view, so the KD target no longer matches the student's input; this
 is a different (weaker) loss than online KD. ``build`` refuses a dataset that returns different
-values for the same index (checked on a few samples). The deterministic view: build the cache on
+values for the same index: every sample read by the teacher pass is compared with the read made for
+the fingerprint (or, with a caller-given ``dataset_id``, every sample of the first chunk is read
+twice), and a dataset whose declared transform is random (``Random...``, ``ColorJitter``,
+``...Augment``, ``flip=True``) is refused up front. The deterministic view: build the cache on
 the dataset with its evaluation transform (no random augmentation) and either train without
 augmentation, or accept the mismatch knowingly by training on the augmented dataset with the
 un-augmented cache (same indices). Feature taps of spatial maps are only valid for the exact
@@ -50,9 +64,13 @@ from .distiller import call_model, default_logits, freeze
 from .errors import KDConfigError
 from .taps import FeatureTaps
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META = "meta.json"
+IDS = "ids.npy"
 DTYPES = {"float32": np.float32, "float16": np.float16}
+REBUILD_HINT = "rebuild it with rebuild=True (CLI: --rebuild-cache) or choose another cache directory"
+RANDOM_MARKERS = ("Random", "ColorJitter", "AutoAugment", "RandAugment", "TrivialAugment", "AugMix", "flip=True")
+CHUNK = 64  # samples read twice to detect random augmentation when the dataset is not fingerprinted in full
 
 
 class StaleCacheError(KDConfigError):
@@ -118,6 +136,52 @@ def _hash_value(h: "hashlib._Hash", value: Any) -> None:
 def sample_fingerprint(sample: Any) -> str:
     h = hashlib.sha256()
     _hash_value(h, sample)
+    return h.hexdigest()
+
+
+def _source_ids(dataset: Any) -> list[str] | None:
+    """Per-sample source ids (``path|label`` of ``dataset.samples``, through ``Subset``), or ``None``."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        base = _source_ids(dataset.dataset)
+        return None if base is None else [base[int(i)] for i in dataset.indices]
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, (list, tuple)) and len(samples) == len(dataset):
+        return ["|".join(map(str, s)) if isinstance(s, (tuple, list)) else str(s) for s in samples]
+    return None
+
+
+def _id_bytes(text: str) -> np.ndarray:
+    return np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], dtype=np.uint8)
+
+
+def sample_ids(dataset: Any, content: Sequence[str] | None = None) -> np.ndarray:
+    """``(N, 16)`` uint8: each sample's id -- its source (``dataset.samples``) where the dataset says
+    it, else its content's fingerprint (``content``, or each sample read once)."""
+    source = _source_ids(dataset)
+    if source is None:
+        source = list(content) if content is not None else [sample_fingerprint(dataset[i]) for i in range(len(dataset))]
+    if not source:
+        return np.zeros((0, 16), dtype=np.uint8)
+    return np.stack([_id_bytes(s) for s in source])
+
+
+def declared_random(dataset: Any) -> str | None:
+    """The random transform a dataset declares (its ``transform``'s repr names one), else ``None``."""
+    text = describe_preprocessing(dataset)
+    for marker in RANDOM_MARKERS:
+        if marker in text:
+            return marker
+    return None
+
+
+def _sample_fingerprints(dataset: Any) -> list[str]:
+    return [sample_fingerprint(dataset[i]) for i in range(len(dataset))]
+
+
+def _digest_of(fingerprints: Sequence[str], n: int) -> str:
+    h = hashlib.sha256(f"len={n}".encode())
+    for f in fingerprints:
+        h.update(f.encode())
     return h.hexdigest()
 
 
@@ -192,9 +256,37 @@ class TeacherCache:
         self.directory = Path(directory)
         self.meta = meta
         self.key = CacheKey(**meta["key"])
-        self.arrays = {
-            name: np.load(self.directory / info["file"], mmap_mode="r") for name, info in meta["arrays"].items()
-        }
+        self.arrays = {name: self._array(info["file"], info.get("shape")) for name, info in meta["arrays"].items()}
+        self.ids = self._array(meta["ids"], [int(meta["count"]), 16]) if meta.get("ids") else None
+
+    def _array(self, name: str, shape: Sequence[int] | None) -> np.ndarray:
+        file = self.directory / name
+        if not file.is_file():
+            raise StaleCacheError(f"teacher cache file {str(file)!r} is missing", hint=REBUILD_HINT)
+        try:
+            arr = np.load(file, mmap_mode="r")
+        except Exception as e:  # noqa: BLE001 -- truncated or garbage .npy
+            raise StaleCacheError(f"teacher cache file {str(file)!r} is damaged ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:200]})", hint=REBUILD_HINT) from None
+        if shape is not None and list(arr.shape) != list(shape):
+            raise StaleCacheError(f"teacher cache file {str(file)!r} is damaged (shape {list(arr.shape)}, "
+                                  f"{META} says {list(shape)})", hint=REBUILD_HINT)
+        return arr
+
+    def check_samples(self, dataset: Any, what: str = "the training set") -> None:
+        """Refuse ``dataset`` unless its sample ``i`` is the one row ``i`` was computed for, for every ``i``."""
+        if len(dataset) != len(self):
+            raise KDConfigError(f"teacher cache {str(self.directory)!r} holds {len(self)} samples, {what} {len(dataset)}",
+                                hint="build the cache on this data set (its deterministic view)")
+        if self.ids is None:
+            return
+        now = sample_ids(dataset)
+        bad = np.flatnonzero((now != np.asarray(self.ids)).any(axis=1))
+        if bad.size:
+            raise StaleCacheError(
+                f"teacher cache {str(self.directory)!r} does not belong to {what}: {bad.size} of {len(self)} rows were "
+                f"computed for other samples (first: index {int(bad[0])}); the data set was reordered or changed",
+                hint=REBUILD_HINT)
 
     def __len__(self) -> int:
         return int(self.meta["count"])
@@ -228,7 +320,18 @@ class TeacherCache:
         meta_path = directory / META
         if not meta_path.is_file():
             raise FileNotFoundError(f"no teacher cache at {str(directory)!r} (missing {META}); build it first")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a mapping")
+            if meta.get("format") == FORMAT_VERSION:
+                CacheKey(**meta["key"])
+                int(meta["count"])
+                if not isinstance(meta["arrays"], dict):
+                    raise ValueError("'arrays' is not a mapping")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise StaleCacheError(f"teacher cache file {str(meta_path)!r} is damaged ({type(e).__name__}: {e})",
+                                  hint=REBUILD_HINT) from None
         if meta.get("format") != FORMAT_VERSION:
             raise StaleCacheError(
                 f"teacher cache {str(directory)!r} has format {meta.get('format')}, this version reads "
@@ -265,8 +368,13 @@ class TeacherCache:
         ``rebuild=True``. ``build_kwargs`` go to :meth:`build` (batch size, device, collate ...).
         ``status`` on the result is ``"hit"``, ``"built"`` or ``"rebuilt"``.
         """
+        marker = declared_random(dataset) if build_kwargs.get("check_deterministic", True) else None
+        if marker:
+            raise _augmentation_error(f"its transform is random ({marker} in {describe_preprocessing(dataset)[:120]})")
+        content = None if dataset_id else _sample_fingerprints(dataset)
         key = make_key(teacher, dataset, taps=taps, store_output=store_output, teacher_id=teacher_id,
-                       dataset_id=dataset_id, preprocessing=preprocessing, dtype=dtype)
+                       dataset_id=dataset_id or _digest_of(content, len(dataset)), preprocessing=preprocessing,
+                       dtype=dtype)
         directory = Path(directory)
         exists = (directory / META).is_file()
         if exists and not rebuild:
@@ -274,7 +382,7 @@ class TeacherCache:
             cache.status = "hit"
             return cache
         cache = cls.build(teacher, dataset, directory, key, taps=taps, store_output=store_output, dtype=dtype,
-                          **build_kwargs)
+                          expected=content, **build_kwargs)
         cache.status = "rebuilt" if exists else "built"
         return cache
 
@@ -297,23 +405,41 @@ class TeacherCache:
         logits_fn: Callable[[Any], torch.Tensor] = default_logits,
         check_deterministic: bool = True,
         progress: bool = False,
+        expected: Sequence[str] | None = None,
     ) -> "TeacherCache":
-        """Run ``teacher`` over ``dataset`` in order and write its outputs (replacing any old cache)."""
+        """Run ``teacher`` over ``dataset`` in order and write its outputs (replacing any old cache).
+
+        ``expected``: each sample's fingerprint from an earlier read (:meth:`load_or_build` passes the
+        fingerprint pass's); every sample the teacher reads is compared with it (random augmentation
+        is refused). Without it, every sample of the first chunk is read twice.
+        """
         if not taps and not store_output:
             raise KDConfigError("teacher cache: nothing to store; keep store_output=True or give taps")
         if dtype not in DTYPES:
             raise KDConfigError(f"teacher cache: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if check_deterministic:
-            check_deterministic_dataset(dataset)
+            marker = declared_random(dataset)
+            if marker:
+                raise _augmentation_error(f"its transform is random ({marker} in "
+                                          f"{describe_preprocessing(dataset)[:120]})")
+            if expected is None:
+                check_deterministic_dataset(dataset)
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
-            arrays = _run_teacher(teacher, dataset, tmp, taps, store_output, DTYPES[dtype], batch_size,
-                                  collate_fn, split_batch, num_workers, device, logits_fn, progress)
+            arrays, fingerprints = _run_teacher(teacher, dataset, tmp, taps, store_output, DTYPES[dtype], batch_size,
+                                                collate_fn, split_batch, num_workers, device, logits_fn, progress)
+            if check_deterministic and expected is not None:
+                differ = [i for i, (a, b) in enumerate(zip(expected, fingerprints)) if a != b]
+                if differ:
+                    raise _augmentation_error(f"{len(differ)} of {len(dataset)} samples differ between two reads "
+                                              f"(first: dataset[{differ[0]}])")
+            np.save(tmp / IDS, sample_ids(dataset, fingerprints))
             meta = {"format": FORMAT_VERSION, "key": asdict(key), "digest": key.digest, "count": len(dataset),
-                    "arrays": arrays}
+                    "arrays": arrays, "ids": IDS}
             (tmp / META).write_text(json.dumps(meta, indent=1))
+            _fsync_tree(tmp)
             _replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -342,19 +468,63 @@ def make_key(
     )
 
 
-def check_deterministic_dataset(dataset: Any, probes: int = 3) -> None:
-    """Raise :class:`KDConfigError` if reading the same index twice gives different samples."""
+def _augmentation_error(why: str) -> KDConfigError:
+    return KDConfigError(
+        f"teacher cache: the dataset applies random augmentation ({why}), and a cached teacher output would "
+        "belong to another view than the student's",
+        hint="build the cache on the deterministic view (the same data with the evaluation transform, no random "
+             "augmentation); see kd_tasks.shared.cache for when training on an augmented view is acceptable")
+
+
+def check_deterministic_dataset(dataset: Any, probes: int = CHUNK) -> None:
+    """Raise :class:`KDConfigError` if a sample of the first chunk (``probes`` samples, each read twice)
+    differs between two reads, or the dataset declares a random transform. A random flip applied to
+    20 % of the samples escapes a 64-sample chunk with probability 0.8^64, about 1e-6."""
     n = len(dataset)
     if n == 0:
         raise KDConfigError("teacher cache: the dataset is empty")
-    for i in sorted({0, n // 2, n - 1})[:probes]:
+    marker = declared_random(dataset)
+    if marker:
+        raise _augmentation_error(f"its transform is random ({marker})")
+    for i in range(min(n, probes)):
         if sample_fingerprint(dataset[i]) != sample_fingerprint(dataset[i]):
-            raise KDConfigError(
-                f"teacher cache: dataset[{i}] differs between two reads -- the dataset applies random "
-                "augmentation, and a cached teacher output would belong to another view than the student's. "
-                "Build the cache on the deterministic view (the same data with the evaluation transform, "
-                "no random augmentation); see kd_tasks.shared.cache for when that is acceptable."
-            )
+            raise _augmentation_error(f"dataset[{i}] differs between two reads")
+
+
+class _Fingerprinted(torch.utils.data.Dataset):
+    """``(sample, sha256 of the sample as 32 uint8)``: fingerprints computed where the sample is read."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[i]
+        digest = hashlib.sha256()
+        _hash_value(digest, sample)
+        return sample, torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
+class _SplitCollate:
+    def __init__(self, collate_fn: Callable | None):
+        from torch.utils.data import default_collate
+
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, items):
+        return self.collate_fn([s for s, _ in items]), torch.stack([f for _, f in items])
+
+
+def _fsync_tree(directory: Path) -> None:
+    from .checkpoint import fsync_dir
+
+    for p in directory.iterdir():
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    fsync_dir(directory)
 
 
 def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size, collate_fn, split_batch,
@@ -366,8 +536,9 @@ def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size
         teacher.to(device)
     else:
         device = next(iter(teacher.parameters()), torch.empty(0)).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_fn)
+    loader = DataLoader(_Fingerprinted(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_SplitCollate(collate_fn))
+    fingerprints: list[str] = []
     tapper = FeatureTaps(teacher, {t: t for t in taps}, detach=True, stop_after_last=not store_output) if taps else None
     names = (["output"] if store_output else []) + list(taps)
     files = {name: f"out{i}.npy" for i, name in enumerate(names)}
@@ -378,7 +549,8 @@ def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size
 
         loader = tqdm(loader, desc="teacher cache")
     with torch.no_grad():
-        for batch in loader:
+        for batch, digests in loader:
+            fingerprints.extend(bytes(d.tolist()).hex() for d in digests)
             inputs = _to(split_batch(batch), device)
             if tapper is not None:
                 raw = tapper.run(lambda: call_model(teacher, inputs))
@@ -404,7 +576,7 @@ def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size
     for name, arr in arrays.items():
         arr.flush()
         info[name] = {"file": files[name], "shape": list(arr.shape), "dtype": str(arr.dtype)}
-    return info
+    return info, fingerprints
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
@@ -467,4 +639,5 @@ def _device_of(value: Any) -> torch.device:
 __all__ = [
     "TeacherCache", "CachedTeacher", "CacheKey", "StaleCacheError", "make_key", "teacher_fingerprint",
     "dataset_fingerprint", "file_fingerprint", "describe_preprocessing", "check_deterministic_dataset",
+    "sample_ids", "declared_random",
 ]

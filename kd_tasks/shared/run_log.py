@@ -3,6 +3,10 @@
 Only the main process writes; on the others every method is a no-op (messages still reach the
 ``logging`` logger). Layout under ``output_dir``: ``tensorboard/`` (event files, scalars named
 ``train/<term>`` and ``eval/<metric>``) and ``log.jsonl`` (one JSON object per logged step).
+
+``log.jsonl`` belongs to one run: a new run starts it empty; a run resumed from the checkpoint of
+step S keeps the entries up to S (those after it were logged by the interrupted attempt and are
+logged again) and TensorBoard drops its events after S.
 """
 
 from __future__ import annotations
@@ -28,10 +32,14 @@ class RunLog:
         progress: bool = True,
         total: int = 0,
         initial: int = 0,
+        resume_step: int | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.is_main = is_main
         self.console = console and is_main
+        self.resume_step = resume_step
+        if is_main:
+            self._start_jsonl(resume_step)
         self.writer = self._writer() if tensorboard and is_main else None
         self.bar = None
         if progress and is_main:
@@ -45,7 +53,26 @@ class RunLog:
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             logger.warning("tensorboard is not installed; logging to the console and log.jsonl only")
             return None
-        return SummaryWriter(str(self.output_dir / "tensorboard"))
+        purge = None if self.resume_step is None else self.resume_step + 1
+        return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge)
+
+    def _start_jsonl(self, resume_step: int | None) -> None:
+        """Start ``log.jsonl`` empty, or (resuming at ``resume_step``) keep only the entries up to it."""
+        from .checkpoint import atomic_write_bytes
+
+        path = self.output_dir / "log.jsonl"
+        kept: list[str] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                if isinstance(entry, dict) and isinstance(entry.get("step"), (int, float)) and entry["step"] <= resume_step:
+                    kept.append(line)
+        if kept or path.exists():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def message(self, text: str) -> None:
         if self.console:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import check_keys
 from .errors import KDConfigError
+from .validate import NON_NEG_INT, NON_NEGATIVE, POS_INT, POSITIVE, check_rules, number
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -37,7 +38,9 @@ class TrainConfig:
     microseconds per sample; turn off for datasets without randomness); ``console`` / ``progress`` /
     ``tensorboard`` -- the run's outputs; ``export_connectors`` -- also save the scheme's connectors;
     ``find_unused_parameters`` -- passed to DDP (for schemes whose forward skips some trainable
-    modules, e.g. a term with weight 0); ``cpu`` -- train on the CPU even when a GPU is present.
+    modules, e.g. a term with weight 0); ``cpu`` -- train on the CPU even when a GPU is present;
+    ``overwrite`` -- an ``output_dir`` holding another run is refused unless ``resume`` (continue it)
+    or ``overwrite`` (its checkpoints, logs and export are removed first).
     """
 
     output_dir: str = "runs/kd"
@@ -75,6 +78,7 @@ class TrainConfig:
     export_connectors: bool = False
     find_unused_parameters: bool = False
     cpu: bool = False
+    overwrite: bool = False
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "TrainConfig":
@@ -83,9 +87,35 @@ class TrainConfig:
         check_keys(cfg, names, "train section")
         return cls(**dict(cfg))
 
+    NUMERIC_RULES = {
+        "max_steps": POS_INT, "epochs": POSITIVE, "batch_size": POS_INT, "lr": POSITIVE, "momentum": ("number", 0, 1, False),
+        "weight_decay": NON_NEGATIVE, "warmup_steps": NON_NEG_INT, "min_lr_ratio": ("number", 0, 1, False),
+        "aux_lr": POSITIVE, "gradient_accumulation_steps": POS_INT, "max_grad_norm": POSITIVE, "eval_every": POS_INT,
+        "save_every": POS_INT, "keep_checkpoints": POS_INT, "log_every": POS_INT, "seed": NON_NEG_INT,
+        "num_workers": NON_NEG_INT,
+    }
+    FLAGS = ("nesterov", "shuffle", "drop_last", "seed_samples", "tensorboard", "progress", "console", "export",
+             "export_connectors", "find_unused_parameters", "cpu", "overwrite")
+
     def validate(self) -> None:
+        """Check every setting up front; errors name the key (``train.<key>``) and the value."""
         if self.max_steps is None and self.epochs is None:
             raise KDConfigError("train: give max_steps or epochs")
+        check_rules(vars(self), self.NUMERIC_RULES, "train.{}")
+        for key in self.FLAGS:
+            if not isinstance(getattr(self, key), bool):
+                raise KDConfigError(f"train.{key} must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise KDConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            number(b, f"train.betas[{i}]", low=0, high=1, high_open=True)
+        if not isinstance(self.output_dir, (str, bytes)) and not hasattr(self.output_dir, "__fspath__"):
+            raise KDConfigError(f"train.output_dir must be a path, got {self.output_dir!r}")
+        if not (isinstance(self.resume, bool) or isinstance(self.resume, str) or hasattr(self.resume, "__fspath__")):
+            raise KDConfigError(f"train.resume must be true, false or a checkpoint directory, got {self.resume!r}")
+        if self.resume and self.overwrite:
+            raise KDConfigError("resume and overwrite both given: resume continues the run in output_dir, overwrite "
+                                "replaces it", hint="give one of them (--resume or --overwrite)")
         for name, value, choices in (("optimizer", self.optimizer, OPTIMIZERS),
                                      ("scheduler", self.scheduler, LR_SCHEDULES),
                                      ("mixed_precision", self.mixed_precision, PRECISIONS)):

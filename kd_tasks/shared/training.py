@@ -14,10 +14,17 @@ What one loop gives every scheme:
   (``<output_dir>/tensorboard``) and to ``<output_dir>/log.jsonl``; a tqdm progress bar;
   ``eval_fn(model) -> {metric: value}`` every ``eval_every`` steps and at the end;
 - atomic checkpoints every ``save_every`` steps and at the end (see :mod:`.checkpoint`): trained
-  modules, optimisers, schedulers, AMP scaler, RNG states of every process, and the data position.
-  ``resume=True`` continues from the latest one and reaches the same weights as an uninterrupted
-  run (same seed, same number of processes); Ctrl-C finishes the current step, saves, then raises
-  ``KeyboardInterrupt`` (a second Ctrl-C stops at once);
+  modules, optimisers, schedulers, AMP scaler, RNG states of every process, the data position,
+  content hashes and the run's identity. ``resume=True`` continues from the newest intact one (a
+  damaged newer one is named and skipped) and reaches the same weights as an uninterrupted run (same
+  seed, same number of processes); a checkpoint of another run (other student, initial weights,
+  teacher, recipe, data or training settings) is refused naming the part; more epochs / steps (a new
+  end of the LR schedule) and the logging / evaluation / saving intervals may change and are listed;
+- an ``output_dir`` holding another run is refused unless ``resume`` or ``overwrite``;
+  ``log.jsonl`` is rewritten by every run (a resumed run keeps the entries up to its checkpoint);
+- Ctrl-C finishes the current step, saves it, then raises :class:`TrainingInterrupted` (a
+  ``KeyboardInterrupt``; the CLI prints ``saved step N; continue with --resume`` and exits 130);
+  further Ctrl-C are deferred until the checkpoint is complete;
 - several processes: ``accelerate launch --multi_gpu --num_processes N script.py`` (DDP; NCCL on
   GPUs; on a machine without GPUs the same command runs N CPU processes on gloo, as the tests do).
   Each process reads its own shard of every epoch (:mod:`.sampling`); ``batch_size`` is per process. Teachers are never given to DDP: schemes
@@ -41,6 +48,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import random
 import signal
 import threading
 from collections import defaultdict
@@ -52,8 +60,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, preserved_rng, rng_state, save_checkpoint, set_rng_state
-from .errors import KDConfigError, NonFiniteLossError
+from .checkpoint import (
+    check_identity,
+    digest,
+    load_checkpoint,
+    load_latest_intact,
+    prepare_output_dir,
+    preserved_rng,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_digest,
+)
+from .errors import KDConfigError, NonFiniteLossError, RunMismatchError, TrainingInterrupted
 from .run_log import RunLog
 from .sampling import EpochBatches, epoch_loader
 from .train_config import LRLambda, TrainConfig, build_optimizer, resolve_mixed_precision
@@ -117,8 +136,18 @@ def _allow_new_precision(mixed_precision: str, cpu: bool) -> None:
         AcceleratorState._reset_state()
 
 
+# settings a resumed run must share with its checkpoint (else it is another run), and those it may change
+RUN_SETTINGS = ("seed", "batch_size", "gradient_accumulation_steps", "shuffle", "drop_last", "seed_samples", "optimizer",
+                "lr", "momentum", "nesterov", "betas", "weight_decay", "scheduler", "warmup_steps", "aux_optimizer",
+                "aux_lr", "mixed_precision", "max_grad_norm")
+CHANGEABLE_SETTINGS = ("epochs", "max_steps", "min_lr_ratio", "eval_every", "save_every", "keep_checkpoints",
+                       "log_every", "num_workers")
+DATA_PROBES = 8  # samples read to fingerprint a training set
+
+
 class _Interrupt:
-    """SIGINT sets a flag the loop reads at the next step boundary; a second SIGINT raises at once."""
+    """SIGINT sets a flag the loop reads at the next step boundary; further SIGINTs are deferred (the step
+    in progress and its checkpoint are completed first, so the checkpoint stays exact)."""
 
     def __init__(self):
         self.requested = False
@@ -131,9 +160,11 @@ class _Interrupt:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            logger.warning("interrupt: still finishing the current step and saving it; stopping right after "
+                           "(this Ctrl-C is deferred so the checkpoint stays exact)")
+            return
         self.requested = True
-        logger.warning("interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to stop now)")
+        logger.warning("interrupt: finishing this step, saving a checkpoint, then stopping")
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -153,6 +184,10 @@ class Trainer:
         collate_fn, split_batch: how samples become a batch and a batch ``(inputs, target)``.
         teacher_cache: a :class:`~kd_tasks.shared.cache.TeacherCache` over ``train_dataset``.
         accelerator: an existing ``accelerate.Accelerator`` (one is created from the config otherwise).
+        identity: extra parts of the run's identity (``{"recipe": ..., "data": ...}``: JSON-able values
+            or strings), recorded in every checkpoint and compared on resume with the parts the
+            loop computes itself (student architecture and initial weights, teacher weights, a
+            fingerprint of the data, the training settings).
     """
 
     def __init__(
@@ -166,8 +201,10 @@ class Trainer:
         split_batch: Callable[[Any], tuple[Any, Any]] = default_split_batch,
         teacher_cache: Any = None,
         accelerator: Any = None,
+        identity: Mapping[str, Any] | None = None,
     ):
         self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        self.extra_identity = {k: (v if isinstance(v, str) else digest(v)) for k, v in (identity or {}).items()}
         self.config.validate()
         self.scheme = scheme
         self.dataset = train_dataset
@@ -180,6 +217,10 @@ class Trainer:
                 f"teacher cache holds {len(teacher_cache)} samples, the training set {len(train_dataset)}: "
                 "build the cache on the training set (its deterministic view)"
             )
+        if teacher_cache is not None and hasattr(teacher_cache, "check_samples"):
+            teacher_cache.check_samples(train_dataset)  # every row belongs to the training set's sample
+        if len(train_dataset) == 0:
+            raise KDConfigError("the training set is empty", hint="give a dataset with samples")
         self.accelerator = accelerator
         self.history: list[dict[str, float]] = []
         self.metrics: dict[str, float] = {}
@@ -246,6 +287,8 @@ class Trainer:
         if self.accelerator is None:
             self.accelerator = self._make_accelerator()
         acc = self.accelerator
+        prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, remove=acc.is_main_process)
+        acc.wait_for_everyone()
         set_seed(cfg.seed)
         scheme = self.scheme.to(acc.device)
         scheme.train()
@@ -262,6 +305,7 @@ class Trainer:
             )
         self.max_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.gradient_accumulation_steps)
         self._dry_run(scheme)
+        self.identity = self._identity(scheme)
 
         aux_params = scheme.auxiliary_parameters() if hasattr(scheme, "auxiliary_parameters") else {}
         names = {id(p): n for n, p in scheme.named_parameters()}
@@ -290,6 +334,63 @@ class Trainer:
                     dist.broadcast(p.data, src=0)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
 
+    # ------------------------------------------------------------------------------------ identity
+    def _settings(self) -> dict[str, Any]:
+        cfg = asdict(self.config)
+        return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in RUN_SETTINGS}
+
+    def _data_fingerprint(self) -> str:
+        """Length and the content of a few evenly spaced samples (read with fixed seeds, so random
+        augmentation reads the same each time): a reordered or different training set differs."""
+        from .cache import sample_fingerprint
+
+        n = len(self.dataset)
+        indices = sorted({round(i * (n - 1) / max(DATA_PROBES - 1, 1)) for i in range(min(DATA_PROBES, n))})
+        parts = [f"len={n}"]
+        with preserved_rng():
+            for i in indices:
+                random.seed(i)
+                np_seed(i)
+                torch.manual_seed(i)
+                parts.append(sample_fingerprint(self.dataset[i]))
+        return digest(parts)
+
+    def _identity(self, scheme: nn.Module) -> dict[str, str]:
+        """The parts that make this run this run (see :func:`~.checkpoint.check_identity`)."""
+        state = scheme.state_dict()
+        identity = {
+            "student_architecture": digest([type(scheme).__name__, state_digest(state, with_values=False)]),
+            "student_init": state_digest(state),
+            "data": self._data_fingerprint(),
+            "settings": digest(self._settings()),
+            "processes": str(self.accelerator.num_processes),
+        }
+        teachers = _teacher_fingerprints(scheme)
+        if self.teacher_cache is not None:
+            teachers.append(getattr(getattr(self.teacher_cache, "key", None), "digest", None) or "cache")
+        if teachers:
+            identity["teacher"] = digest(teachers)
+        identity.update(self.extra_identity)
+        return identity
+
+    def _check_resumed_identity(self, state: Mapping[str, Any], path: Path) -> None:
+        saved_cfg = state.get("config", {}) or {}
+        now_cfg = asdict(self.config)
+
+        def norm(v):
+            return list(v) if isinstance(v, tuple) else v
+
+        changed = [f"{k} {saved_cfg[k]!r} -> {norm(now_cfg[k])!r}" for k in RUN_SETTINGS
+                   if k in saved_cfg and saved_cfg[k] != norm(now_cfg[k])]
+        details = {"settings": "changed: " + ", ".join(changed)} if changed else {}
+        check_identity(state.get("identity"), self.identity, path, details)
+        allowed = [f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}" for k in CHANGEABLE_SETTINGS
+                   if k in saved_cfg and saved_cfg[k] != now_cfg[k]]
+        if allowed:
+            logger.warning("resuming %s with changed settings (allowed): %s", path, "; ".join(allowed))
+            if self.accelerator.is_main_process and self.config.console:
+                print(f"resuming {path} with changed settings: {'; '.join(allowed)}", flush=True)
+
     # ------------------------------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
         acc = self.accelerator
@@ -302,40 +403,60 @@ class Trainer:
             "progress": {"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch},
             "history": self.history,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+            "identity": dict(self.identity),
         }
 
     def save(self, rng: dict[str, Any] | None = None) -> Path:
         acc = self.accelerator
         path = save_checkpoint(self.config.output_dir, self.step, self._state, acc.process_index,
-                               acc.is_main_process, acc.wait_for_everyone, self.config.keep_checkpoints, rng)
+                               acc.is_main_process, acc.wait_for_everyone, self.config.keep_checkpoints, rng,
+                               identity=self.identity)
         self._last_checkpoint = path
         return path
 
     def _mark_boundary(self) -> None:
         """Remember the position and generators after a completed step (for an abrupt interrupt)."""
         self._boundary = (self.step, self.epoch, self.batch_in_epoch, rng_state())
+        self._dirty = False  # no module, optimiser or buffer has changed since this boundary
 
-    def _save_at_boundary(self) -> None:
+    def _save_at_boundary(self) -> bool:
         """Save after an abrupt KeyboardInterrupt: the last completed step's position and generators.
 
-        The weights are the current ones, which equal that step's unless the interrupt came inside
-        ``optimizer.step()``; BatchNorm statistics of an interrupted micro-batch may be included.
+        Only when nothing has changed since that step (the interrupt came while the next batch was
+        being read): a half-done step (BatchNorm statistics or weights already updated) is not saved,
+        so every checkpoint resumes exactly. Returns whether it saved.
         """
+        if self._dirty:
+            logger.warning("interrupted inside step %d: not saving a half-done step; the latest checkpoint is %s",
+                           self._boundary[0] + 1, self._last_checkpoint)
+            return False
         self.step, self.epoch, self.batch_in_epoch, rng = self._boundary
         logger.warning("interrupted: saving a checkpoint at step %d", self.step)
         self.save(rng)
+        return True
 
     def _resume(self) -> None:
         cfg, acc = self.config, self.accelerator
         if cfg.resume is True:
-            path = latest_checkpoint(cfg.output_dir)
-            if path is None:
+            found = load_latest_intact(cfg.output_dir, acc.process_index)
+            if found is None:
                 logger.warning("resume: no checkpoint in %s; starting from scratch", cfg.output_dir)
                 return
+            path, state, rng = found
         else:
             path = Path(cfg.resume)
-        state, rng = load_checkpoint(path, acc.process_index)
-        self.unwrapped.load_state_dict(state["model"])
+            if not path.exists():
+                raise KDConfigError(f"resume: checkpoint {str(path)!r} does not exist",
+                                    hint="give a checkpoints/step-... directory, or resume=True for the latest")
+            state, rng = load_checkpoint(path, acc.process_index)
+        self._check_resumed_identity(state, path)
+        try:
+            self.unwrapped.load_state_dict(state["model"])
+        except RuntimeError as e:  # an old checkpoint without identity, of another architecture
+            raise RunMismatchError(f"checkpoint {str(path)!r} belongs to another run: student architecture differs "
+                                   f"({str(e).splitlines()[0]})",
+                                   hint="resume with the same student and recipe, or start a new run with "
+                                        "--overwrite or another output directory") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for name, (opt, sched) in self.aux.items():
@@ -343,7 +464,6 @@ class Trainer:
             sched.load_state_dict(state["aux"][name]["scheduler"])
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])
-        self._warn_config_changes(state.get("config", {}), path)
         progress = state["progress"]
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch"]
         self.history = list(state.get("history", []))
@@ -353,16 +473,8 @@ class Trainer:
         else:
             set_rng_state(rng)
         self._last_checkpoint = path
+        self._resumed_step = self.step
         logger.info("resumed from %s at step %d", path, self.step)
-
-    def _warn_config_changes(self, saved: Mapping[str, Any], path: Path) -> None:
-        now = asdict(self.config)
-        keys = ("seed", "batch_size", "gradient_accumulation_steps", "shuffle", "drop_last", "max_steps", "epochs",
-                "lr", "optimizer", "scheduler", "seed_samples")
-        changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in keys if k in saved and saved[k] != now[k]]
-        if changed:
-            logger.warning("resuming %s with changed settings (%s): the run will not equal an uninterrupted one",
-                           path, "; ".join(changed))
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
@@ -372,28 +484,40 @@ class Trainer:
         self._last_checkpoint = None
         self._evaluated_step = None
         self._saved_on_interrupt = False
+        self._resumed_step = None
         if cfg.resume:
             self._resume()
         self._mark_boundary()
         self.log = RunLog(cfg.output_dir, acc.is_main_process, console=cfg.console, tensorboard=cfg.tensorboard,
-                          progress=cfg.progress, total=self.max_steps, initial=self.step)
+                          progress=cfg.progress, total=self.max_steps, initial=self.step,
+                          resume_step=self._resumed_step)
         self._window: dict[str, list] = defaultdict(list)
-        try:
-            with _Interrupt() as interrupt:
-                self._interrupt = interrupt
+        with _Interrupt() as interrupt:
+            self._interrupt = interrupt
+            try:
                 while self.step < self.max_steps:
                     self._run_epoch()
-        except KeyboardInterrupt:
-            if not self._saved_on_interrupt and acc.num_processes == 1:
-                self._save_at_boundary()
-            raise
-        finally:
-            self.log.close()
-        if self.eval_fn is not None and self._evaluated_step != self.step:
-            self._evaluate()
-        if self._last_checkpoint is None or self._last_checkpoint.name != f"step-{self.step:08d}":
-            self.save()
-        export_dir = self._export() if cfg.export else None
+            except TrainingInterrupted:
+                self.log.close()
+                raise
+            except KeyboardInterrupt:
+                self.log.close()
+                if not self._saved_on_interrupt and acc.num_processes == 1 and self._save_at_boundary():
+                    raise TrainingInterrupted(self.step, self._last_checkpoint) from None
+                raise
+            except BaseException:
+                self.log.close()
+                raise
+            try:
+                if self.eval_fn is not None and self._evaluated_step != self.step:
+                    self._evaluate()
+                if self._last_checkpoint is None or self._last_checkpoint.name != f"step-{self.step:08d}":
+                    self.save()
+            finally:
+                self.log.close()
+            export_dir = self._export() if cfg.export else None
+            if interrupt.requested:  # Ctrl-C after the last step: everything is saved and exported
+                raise TrainingInterrupted(self.step, self._last_checkpoint)
         return TrainResult(exported_model(self.unwrapped), self.step, self.history, self.metrics,
                            self._last_checkpoint, export_dir)
 
@@ -401,6 +525,7 @@ class Trainer:
         acc = self.accelerator
         for batch, index in self._loader(self.epoch, self.batch_in_epoch):
             inputs, target, kwargs = self._batch(batch, index)
+            self._dirty = True
             if hasattr(self.unwrapped, "set_step"):
                 self.unwrapped.set_step(self.step)
             with acc.accumulate(self.model):
@@ -490,9 +615,12 @@ class Trainer:
         if cfg.save_every and self.step % cfg.save_every == 0 and not last:
             self.save()
         if self._interrupted():
-            self.save()
+            if self._last_checkpoint is None or self._last_checkpoint.name != f"step-{self.step:08d}":
+                self.save()
             self._saved_on_interrupt = True
-            raise KeyboardInterrupt
+            logger.warning("saved step %d to %s; continue with resume=True (CLI: --resume)", self.step,
+                           self._last_checkpoint)
+            raise TrainingInterrupted(self.step, self._last_checkpoint)
 
     # ------------------------------------------------------------------------------------ output
     def _log(self) -> None:
@@ -538,10 +666,35 @@ class Trainer:
         return out
 
 
+def np_seed(seed: int) -> None:
+    import numpy as np
+
+    np.random.seed(seed % 2**32)
+
+
+def _teacher_fingerprints(scheme: nn.Module) -> list[str]:
+    """Fingerprints of the teachers a scheme holds (``teacher`` / ``teachers`` attributes, kept out of its
+    module tree): each one's weights, or its cache's key for a cached teacher."""
+    found: list[nn.Module] = []
+    for attr in ("teacher", "teachers"):
+        value = getattr(scheme, attr, None)
+        if isinstance(value, nn.Module) and not isinstance(value, nn.ModuleList):
+            found.append(value)
+        elif isinstance(value, (list, tuple, nn.ModuleList)):
+            found.extend(v for v in value if isinstance(v, nn.Module))
+    out = []
+    for t in found:
+        cache = getattr(t, "cache", None)
+        key = getattr(getattr(cache, "key", None), "digest", None)
+        out.append(key if key else state_digest(t.state_dict()))
+    return out
+
+
 def train(scheme: nn.Module, train_dataset: Any, config: TrainConfig | Mapping[str, Any], **kwargs: Any) -> TrainResult:
     """``Trainer(scheme, train_dataset, config, **kwargs).fit()``."""
     return Trainer(scheme, train_dataset, config, **kwargs).fit()
 
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "LRLambda", "build_optimizer",
-           "resolve_mixed_precision", "default_split_batch", "exported_model"]
+           "resolve_mixed_precision", "default_split_batch", "exported_model", "TrainingInterrupted",
+           "RUN_SETTINGS", "CHANGEABLE_SETTINGS"]

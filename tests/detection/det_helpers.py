@@ -42,6 +42,19 @@ def tiny_faster_rcnn(base_channels: int = 16, out_channels: int = 32, num_classe
     return cfg.to_dict()
 
 
+def tiny_gfl(base_channels: int, out_channels: int, num_classes: int = len(CLASSES)) -> dict:
+    """A tiny, randomly initialised GFL detector (distribution box head, ``reg_max=16``) from mmdet's bundled
+    ``gfl_r50_fpn_1x_coco.py``: the head LD and CrossKD need."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(mmdet_config_dir() / "gfl" / "gfl_r50_fpn_1x_coco.py")).model
+    cfg.backbone.update(depth=18, base_channels=base_channels, init_cfg=None, frozen_stages=-1, norm_eval=False)
+    cfg.neck.update(in_channels=[base_channels * 2**i for i in range(4)], out_channels=out_channels)
+    cfg.bbox_head.update(num_classes=num_classes, in_channels=out_channels, feat_channels=out_channels,
+                         stacked_convs=4, norm_cfg=None)
+    return cfg.to_dict()
+
+
 def make_images(n_images: int, seed: int = 0, size: int = 64) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``n_images`` BGR images with 1-2 filled rectangles (class 0) or ellipses (class 1) on noise:
     ``(image (size, size, 3) uint8, boxes (n, 4) float32 x1 y1 x2 y2, labels (n,) int64)``."""

@@ -46,6 +46,11 @@ def test_train_resume_and_export(det_dir, trained_teacher_ckpt, tmp_path, capsys
     assert "distiller.connectors.cwd_p3.inner.body.0.weight" in first["state_dict"]
     assert not any("teacher" in k for k in first["state_dict"])
 
+    capsys.readouterr()
+    assert main(args(det_dir, work, trained_teacher_ckpt, None, "--max-iters", "8")) == 2  # neither --resume nor --overwrite
+    err = capsys.readouterr().err
+    assert "holds an earlier run (iter_4.pth" in err and "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    assert (work / "iter_4.pth").is_file() and (work / "student.pth").is_file()  # nothing of the first run lost
     assert main(args(det_dir, work, trained_teacher_ckpt, None, "--max-iters", "8", "--resume")) == 0
     assert (work / "iter_8.pth").is_file()
     rows = logged(work)

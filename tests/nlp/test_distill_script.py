@@ -136,3 +136,26 @@ def test_resume_latest_continues_from_the_last_checkpoint(tmp_path, teacher_dir,
     checkpoint, history = last_log_history(out)
     assert checkpoint.endswith("checkpoint-3")
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]  # steps 1-2 restored, step 3 trained
+
+
+def test_a_used_output_dir_is_refused_then_overwritten_and_resume_checks_the_run(tmp_path, teacher_dir,
+                                                                                sentiment_csv, capsys):
+    base = ["--teacher", teacher_dir, "--train-file", sentiment_csv["train"], "--max-train-samples", "32",
+            "--max-eval-samples", "8"]
+    out = tmp_path / "run"
+    argv = base + common(out, student_layers=2, batch_size=16, max_steps=2, save_steps=1, no_report=True)
+    assert main(argv) == 0
+    saved = (out / "checkpoint-2" / "trainer_state.json").read_text()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "checkpoint-2" / "trainer_state.json").read_text() == saved  # untouched
+    # resuming with another learning rate is another run
+    assert main(base + common(out, student_layers=2, batch_size=16, max_steps=3, save_steps=1, no_report=True,
+                              learning_rate=1e-3, resume=True)) == 2
+    err = capsys.readouterr().err
+    assert "belongs to another run" in err and "learning_rate" in err
+    # --overwrite starts again: the earlier run's checkpoints are gone, not mixed with the new ones
+    assert main(base + common(out, student_layers=2, batch_size=16, max_steps=1, save_steps=1, no_report=True,
+                              overwrite=True)) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]

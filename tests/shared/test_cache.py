@@ -171,3 +171,103 @@ def test_training_from_the_cache_equals_training_with_the_teacher_and_skips_it(t
     with pytest.raises(KDConfigError, match="40 samples"):
         Trainer(Distiller(net(8), None, terms), Blobs(n=32), TrainConfig(output_dir=str(tmp_path / "x"), **cfg),
                 teacher_cache=cache)
+
+
+# ------------------------------------------------------------------ damage, binding, augmentation
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("meta garbage", "meta.json"),
+    ("meta missing key", "meta.json"),
+    ("array truncated", "out0.npy"),
+    ("array missing", "out0.npy"),
+    ("ids missing", "ids.npy"),
+])
+def test_a_damaged_cache_is_named_with_the_rebuild_hint(tmp_path, damage, named):
+    teacher, data = net(32, seed=1), Blobs()
+    TeacherCache.load_or_build(teacher, data, tmp_path / "c", preprocessing="none")
+    c = tmp_path / "c"
+    if damage == "meta garbage":
+        (c / "meta.json").write_text("{not json")
+    elif damage == "meta missing key":
+        meta = json.loads((c / "meta.json").read_text())
+        del meta["arrays"]
+        (c / "meta.json").write_text(json.dumps(meta))
+    elif damage == "array truncated":
+        raw = (c / "out0.npy").read_bytes()
+        (c / "out0.npy").write_bytes(raw[: len(raw) // 2])
+    elif damage == "array missing":
+        (c / "out0.npy").unlink()
+    else:
+        (c / "ids.npy").unlink()
+    with pytest.raises(StaleCacheError) as e:
+        TeacherCache.load_or_build(teacher, data, c, preprocessing="none")
+    assert named in str(e.value) and "--rebuild-cache" in str(e.value)
+    rebuilt = TeacherCache.load_or_build(teacher, data, c, preprocessing="none", rebuild=True)
+    assert rebuilt.status == "rebuilt" and len(rebuilt) == 40
+
+
+class Files(Blobs):
+    """Blobs that say where each sample comes from (like ImageFolder's ``samples``)."""
+
+    def __init__(self, order=None, **kw):
+        super().__init__(**kw)
+        self.samples = [(f"img{i}.png", int(self.y[i])) for i in range(len(self.y))]
+        if order is not None:
+            self.x, self.y = self.x[order], self.y[order]
+            self.samples = [self.samples[i] for i in order]
+
+
+def test_rows_are_bound_to_their_samples_so_a_reordered_training_set_is_refused(tmp_path):
+    teacher, data = net(32, seed=1), Files()
+    cache = TeacherCache.load_or_build(teacher, data, tmp_path / "c", preprocessing="none")
+    terms = [{"name": "kd", "loss": {"type": "kd", "temperature": 2}}]
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=8, progress=False, console=False,
+                      tensorboard=False)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()
+    with pytest.raises(StaleCacheError, match=r"does not belong to the training set.*reordered.*--rebuild-cache"):
+        Trainer(Distiller(net(8), None, terms), Files(order=order), cfg, teacher_cache=cache)
+    swapped = Files()
+    swapped.samples[7] = ("other.png", swapped.samples[7][1])  # same length, one other file
+    with pytest.raises(StaleCacheError, match="index 7"):
+        Trainer(Distiller(net(8), None, terms), swapped, cfg, teacher_cache=cache)
+    # an augmented view of the same files is the same samples
+    Trainer(Distiller(net(8), None, terms), Files(noise=0.1), cfg, teacher_cache=cache)
+    # without declared sources, rows are bound to the samples' content
+    plain = TeacherCache.load_or_build(teacher, Blobs(), tmp_path / "p", preprocessing="none")
+    edited = Blobs()
+    edited.x[[3, 4]] = edited.x[[4, 3]]
+    with pytest.raises(StaleCacheError, match="index 3"):
+        Trainer(Distiller(net(8), None, terms), edited, cfg, teacher_cache=plain)
+
+
+class FlipSome(Blobs):
+    """A 20 % random flip: the augmentation the old 3-probe check missed a third of the time."""
+
+    transform = None
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return (x.flip(0) if torch.rand(()) < 0.2 else x), y
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_20_percent_random_flip_is_always_detected(tmp_path, seed):
+    torch.manual_seed(seed)
+    with pytest.raises(KDConfigError, match="random augmentation"):
+        TeacherCache.load_or_build(net(), FlipSome(), tmp_path / "c", preprocessing="x")
+    torch.manual_seed(seed)
+    with pytest.raises(KDConfigError, match="random augmentation"):  # a caller-given dataset id: the chunk check
+        TeacherCache.load_or_build(net(), FlipSome(), tmp_path / "c", preprocessing="x", dataset_id="v1")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_declared_random_transform_is_refused_before_reading():
+    class Declared(Blobs):
+        transform = "Compose(RandomHorizontalFlip(p=0.5), ToTensor())"
+
+        def __getitem__(self, i):
+            raise AssertionError("read")
+
+    with pytest.raises(KDConfigError, match="RandomHorizontalFlip"):
+        TeacherCache.load_or_build(net(), Declared(), "unused", preprocessing="x")

@@ -530,7 +530,13 @@ def test_dense_kd_zero_for_identical_logits(mode):
 
 def test_dense_kd_errors():
     with pytest.raises(KDConfigError, match="num_classes"):
-        DenseKDLoss()
+        DenseKDLoss(num_classes=0)
+    with pytest.raises(KDConfigError, match="set num_classes"):
+        DenseKDLoss()(torch.zeros(1, 8, 2, 2), torch.zeros(1, 8, 2, 2))
+    with pytest.raises(KDConfigError, match="the detector's head has 2 classes"):
+        DenseKDLoss(num_classes=4)(torch.zeros(1, 8, 2, 2), torch.zeros(1, 8, 2, 2), num_classes=2)
+    x, y = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)  # the class count can come from the detector
+    assert DenseKDLoss()(x, y, num_classes=4).item() == DenseKDLoss(num_classes=4)(x, y).item()
     with pytest.raises(KDConfigError, match="not a multiple of num_classes=4"):
         DenseKDLoss(num_classes=4)(torch.zeros(1, 6, 2, 2), torch.zeros(1, 6, 2, 2))
     with pytest.raises(ShapeMismatchError, match="same anchors and classes"):

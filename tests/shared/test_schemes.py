@@ -3,6 +3,8 @@ gradient routing, and a few real training steps through the shared loop."""
 
 from pathlib import Path
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -468,7 +470,8 @@ def test_scheme_recipe_builds_and_trains(path, tmp_path):
                       tensorboard=False, **(recipe.get("train") or {}))
     if isinstance(scheme, AssistantChain):
         stages = []
-        student = scheme.run(lambda s, name: stages.append(name) or Trainer(s, Images(), cfg).fit())
+        student = scheme.run(lambda s, name: stages.append(name) or Trainer(
+            s, Images(), dataclasses.replace(cfg, output_dir=str(tmp_path / name))).fit())  # a directory per stage
         assert stages == ["assistant1", "student"] and isinstance(student, TinyResNetLike)
         return
     result = Trainer(scheme, Images(), cfg).fit()

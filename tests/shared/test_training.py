@@ -23,6 +23,7 @@ from kd_tasks.shared.training import LRLambda, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 C = 5
+SETUP = 8 + 8  # reads before the first step: the dry-run batch, then the training-set fingerprint's probes
 
 
 def net(hidden: int = 16, seed: int = 0, dropout: float = 0.0, bn: bool = False) -> nn.Sequential:
@@ -98,8 +99,8 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("kind", ["offline", "self", "gan"])
 def test_resume_after_crash_equals_uninterrupted(tmp_path, kind):
-    def crash(reads):  # 8 reads for the dry run, then 16 per step: dies inside step 6
-        if reads == 8 + 16 * 5 + 5:
+    def crash(reads):  # SETUP reads before training, then 16 per step: dies inside step 6
+        if reads == SETUP + 16 * 5 + 5:
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -115,7 +116,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, kind):
 
 def test_ctrl_c_saves_then_resume_equals_uninterrupted(tmp_path):
     def interrupt(reads):
-        if reads == 8 + 16 * 2 + 3:  # during step 3
+        if reads == SETUP + 16 * 2 + 3:  # during step 3
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
@@ -130,7 +131,7 @@ def test_ctrl_c_saves_then_resume_equals_uninterrupted(tmp_path):
 
 def test_abrupt_keyboard_interrupt_saves_the_last_completed_step(tmp_path):
     def interrupt(reads):
-        if reads == 8 + 16 * 4 + 1:  # first read of step 5: no forward of that step has run yet
+        if reads == SETUP + 16 * 4 + 1:  # first read of step 5: no forward of that step has run yet
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -156,14 +157,14 @@ def test_checkpoints_are_atomic_and_load_with_weights_only(tmp_path, monkeypatch
     # a crash while writing leaves the previous checkpoint as the latest, and no half-written one
     import kd_tasks.shared.checkpoint as ckpt
 
-    real_save = torch.save
+    real_write = ckpt.write_bytes_durably
 
-    def failing_save(obj, path, *a, **k):
+    def failing_write(path, data):
         if str(path).endswith("state.pt"):
             raise OSError("disk full")
-        return real_save(obj, path, *a, **k)
+        return real_write(path, data)
 
-    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    monkeypatch.setattr(ckpt, "write_bytes_durably", failing_write)
     with pytest.raises(OSError, match="disk full"):
         Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=8, save_every=2, resume=True)).fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000006"]
@@ -241,7 +242,7 @@ def test_non_finite_loss_names_term_and_step(tmp_path):
     class NaNAfter(Blobs):
         def __getitem__(self, i):
             x, y = super().__getitem__(i)
-            return (x * float("nan"), y) if self.reads > 8 + 16 * 2 else (x, y)
+            return (x * float("nan"), y) if self.reads > SETUP + 16 * 2 else (x, y)
 
     scheme = build_scheme({"type": "dml"}, peers=[net(16, seed=1), net(8, seed=2)])
     with pytest.raises(NonFiniteLossError, match=r"'task'.*step [23]"):
@@ -330,4 +331,176 @@ def test_two_cpu_processes_on_gloo_match_one_process_with_the_combined_batch(tmp
         assert torch.equal(r0[k], r1[k]), k  # the processes agree exactly
         assert torch.allclose(r0[k], one[k], atol=1e-5), k  # and equal one process with the whole batch
     assert latest_checkpoint(tmp_path / "two").name == "step-00000004"
-    assert {p.name for p in (tmp_path / "two/checkpoints/step-00000004").iterdir()} == {"state.pt", "rng-0.pt", "rng-1.pt"}
+    assert {p.name for p in (tmp_path / "two/checkpoints/step-00000004").iterdir()} == {"state.pt", "rng-0.pt", "rng-1.pt", "manifest.json"}
+
+
+# ------------------------------------------------------------------ runs that must not mix
+
+
+def test_double_ctrl_c_still_saves_the_finished_step_and_resumes_exactly(tmp_path):
+    """A second Ctrl-C during the step is deferred: the checkpoint holds exactly step 3 (BatchNorm
+    statistics included), and resuming from it equals an uninterrupted run."""
+    from kd_tasks.shared.errors import TrainingInterrupted
+
+    def interrupt(reads):
+        if reads in (SETUP + 16 * 2 + 3, SETUP + 16 * 2 + 11):  # twice inside step 3, across both micro-batches
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as e:
+        Trainer(make_scheme("offline"), Blobs(noise=0.3, on_read=interrupt), config(tmp_path / "a")).fit()
+    assert e.value.step == 3 and latest_checkpoint(tmp_path / "a").name == "step-00000003"
+    resumed = Trainer(make_scheme("offline"), Blobs(noise=0.3), config(tmp_path / "a", resume=True))
+    resumed.fit()
+    straight = Trainer(make_scheme("offline"), Blobs(noise=0.3), config(tmp_path / "b"))
+    straight.fit()
+    assert_same(full_state(straight), full_state(resumed))
+
+
+def test_abrupt_interrupt_inside_a_step_saves_nothing_half_done(tmp_path):
+    def interrupt(reads):
+        if reads == SETUP + 16 * 4 + 9:  # second micro-batch of step 5: the first one already changed BatchNorm
+            raise KeyboardInterrupt
+
+    cfg = config(tmp_path / "a", save_every=2)
+    with pytest.raises(KeyboardInterrupt) as e:
+        Trainer(make_scheme("offline"), Blobs(noise=0.3, on_read=interrupt), cfg).fit()
+    assert type(e.value) is KeyboardInterrupt  # not TrainingInterrupted: nothing was saved for step 4/5
+    assert latest_checkpoint(tmp_path / "a").name == "step-00000004"  # the periodic one, untouched
+
+
+def _corrupt(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "garbage rng", "missing manifest file"])
+def test_a_corrupt_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, caplog, damage):
+    with pytest.raises(RuntimeError):
+        def crash(reads):
+            if reads == SETUP + 16 * 7 + 1:
+                raise RuntimeError("killed")
+        Trainer(make_scheme("offline"), Blobs(noise=0.3, on_read=crash), config(tmp_path / "a", save_every=2,
+                                                                                 keep_checkpoints=3)).fit()
+    newest = tmp_path / "a/checkpoints/step-00000006"
+    assert [p.name for p in list_checkpoints(tmp_path / "a")][-1] == newest.name
+    if damage == "truncated state":
+        _corrupt(newest / "state.pt")
+        bad = "state.pt"
+    elif damage == "garbage rng":
+        (newest / "rng-0.pt").write_bytes(b"garbage" * 100)
+        bad = "rng-0.pt"
+    else:
+        (newest / "state.pt").unlink()
+        (newest / "state.pt").write_bytes(b"")
+        bad = "state.pt"
+    resumed = Trainer(make_scheme("offline"), Blobs(noise=0.3), config(tmp_path / "a", save_every=2, keep_checkpoints=3,
+                                                                       resume=True))
+    resumed.fit()
+    assert f"{newest / bad}" in caplog.text and "falling back" in caplog.text
+    straight = Trainer(make_scheme("offline"), Blobs(noise=0.3), config(tmp_path / "b"))
+    straight.fit()
+    assert_same(full_state(straight), full_state(resumed))  # from step 4, the newest intact one
+
+
+def test_an_explicit_damaged_checkpoint_is_named(tmp_path):
+    from kd_tasks.shared.errors import CheckpointError
+
+    Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=2)).fit()
+    path = tmp_path / "checkpoints/step-00000002"
+    _corrupt(path / "state.pt")
+    with pytest.raises(CheckpointError, match=r"step-00000002/state.pt.*damaged"):
+        Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=4, resume=str(path))).fit()
+    with pytest.raises(CheckpointError, match="every checkpoint"):
+        Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=4, resume=True)).fit()
+
+
+def test_a_used_output_directory_is_refused_unless_resume_or_overwrite(tmp_path):
+    from kd_tasks.shared.errors import OutputDirInUseError
+
+    Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=2)).fit()
+    first_log = (tmp_path / "log.jsonl").read_text()
+    exported = (tmp_path / "export/model.safetensors").read_bytes()
+    with pytest.raises(OutputDirInUseError, match=r"already holds a run.*step-00000002.*--resume.*--overwrite"):
+        Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=3, seed=9)).fit()
+    assert (tmp_path / "export/model.safetensors").read_bytes() == exported  # nothing touched
+    assert (tmp_path / "log.jsonl").read_text() == first_log
+    (tmp_path / "notes.txt").write_text("mine")
+    Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=3, seed=9, overwrite=True)).fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003"]  # the old run's are gone
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [3]  # a new log, not appended to the old one
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # files not of the run are left alone
+    with pytest.raises(KDConfigError, match="resume and overwrite"):
+        config(tmp_path, resume=True, overwrite=True).validate()
+
+
+@pytest.mark.parametrize("change, part", [
+    (lambda: dict(scheme=Distiller(net(16, seed=1, dropout=0.2, bn=True), net(32, seed=5),
+                                   terms=[{"name": "kd", "loss": {"type": "kd", "temperature": 2}},
+                                          {"name": "hint", "loss": "mse", "student": "2", "teacher": "1",
+                                           "connector": "linear", "weight": 0.1}],
+                                   task_loss=nn.CrossEntropyLoss())), "teacher weights"),
+    (lambda: dict(scheme=Distiller(net(24, seed=1, bn=True), net(32, seed=2),
+                                   terms=[{"name": "kd", "loss": {"type": "kd", "temperature": 2}}],
+                                   task_loss=nn.CrossEntropyLoss())), "student architecture"),
+    (lambda: dict(scheme=Distiller(net(16, seed=3, dropout=0.2, bn=True), net(32, seed=2),
+                                   terms=[{"name": "kd", "loss": {"type": "kd", "temperature": 2}},
+                                          {"name": "hint", "loss": "mse", "student": "2", "teacher": "1",
+                                           "connector": "linear", "weight": 0.1}],
+                                   task_loss=nn.CrossEntropyLoss())), "student initial weights"),
+    (lambda: dict(lr=0.1), "training settings (changed: lr 0.05 -> 0.1)"),
+    (lambda: dict(data=Blobs(n=48, noise=0.3, on_read=None).__class__(n=40)), "training data"),
+    (lambda: dict(identity={"recipe": {"kd": 3}}), "recipe"),
+])
+def test_resume_refuses_another_run_naming_the_part(tmp_path, change, part):
+    from kd_tasks.shared.errors import RunMismatchError
+
+    Trainer(make_scheme("offline"), Blobs(noise=0.3), config(tmp_path, max_steps=2), identity={"recipe": {"kd": 2}}).fit()
+    c = change()
+    scheme = c.pop("scheme", None) or make_scheme("offline")
+    data = c.pop("data", None) or Blobs(noise=0.3)
+    identity = c.pop("identity", {"recipe": {"kd": 2}})
+    with pytest.raises(RunMismatchError) as e:
+        Trainer(scheme, data, config(tmp_path, max_steps=4, resume=True, **c), identity=identity).fit()
+    assert part in str(e.value) and "step-00000002" in str(e.value) and "--overwrite" in str(e.value)
+
+
+def test_resume_lists_the_settings_it_may_change(tmp_path, caplog):
+    Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=2)).fit()
+    result = Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=4, log_every=1, resume=True)).fit()
+    assert result.step == 4
+    assert "changed settings (allowed)" in caplog.text and "max_steps 2 -> 4" in caplog.text
+    assert "log_every 3 -> 1" in caplog.text
+
+
+def test_a_reordered_training_set_is_another_run(tmp_path):
+    from kd_tasks.shared.errors import RunMismatchError
+
+    Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=2)).fit()
+    shuffled = Blobs()
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(3))
+    shuffled.x, shuffled.y = shuffled.x[perm], shuffled.y[perm]
+    with pytest.raises(RunMismatchError, match="training data"):
+        Trainer(make_scheme("gan"), shuffled, config(tmp_path, max_steps=4, resume=True)).fit()
+
+
+def test_saves_replace_an_existing_step_without_deleting_it_first(tmp_path, monkeypatch):
+    """A kill between moving the old step-N aside and renaming the new one in leaves the old one, restored."""
+    import kd_tasks.shared.checkpoint as ckpt
+
+    Trainer(make_scheme("gan"), Blobs(), config(tmp_path, max_steps=2)).fit()
+    before = (tmp_path / "checkpoints/step-00000002/state.pt").read_bytes()
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if Path(src).name.startswith(".tmp-step"):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, lambda: {"progress": {}}, 0, True, lambda: None)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002"]  # restored from the side name
+    assert (tmp_path / "checkpoints/step-00000002/state.pt").read_bytes() == before
+    ckpt.verify_checkpoint(tmp_path / "checkpoints/step-00000002")

@@ -632,20 +632,27 @@ class DenseKDLoss(nn.Module):
 
     def __init__(self, num_classes: int | None = None, mode: str = "sigmoid", temperature: float = 1.0):
         super().__init__()
-        if num_classes is None or int(num_classes) != num_classes or int(num_classes) < 1:
+        if num_classes is not None and (int(num_classes) != num_classes or int(num_classes) < 1):
             raise KDConfigError(
-                f"dense_kd: set num_classes to the classes per anchor of the head (e.g. 80 for COCO); "
-                f"got {num_classes!r}"
+                f"dense_kd: num_classes is the classes per anchor of the head (e.g. 80 for COCO); got {num_classes!r}"
             )
-        self.num_classes = int(num_classes)
+        self.num_classes = None if num_classes is None else int(num_classes)
         self.mode = check_choice(mode, self.MODES, "dense_kd", "mode")
         self.temperature = check_temperature(temperature, "dense_kd")
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def forward(self, student: Tensor, teacher: Tensor, num_classes: int | None = None) -> Tensor:
+        """``num_classes`` (passed by the detection adapter: the student head's classes) is used when the
+        loss was built without one; a recipe's own value must agree with it."""
+        k = self.num_classes if self.num_classes is not None else num_classes
+        if k is None:
+            raise KDConfigError("dense_kd: set num_classes to the classes per anchor of the head (e.g. 80 for COCO)")
+        if num_classes is not None and int(num_classes) != k:
+            raise KDConfigError(f"dense_kd: num_classes={k} in the recipe, but the detector's head has {num_classes} "
+                                "classes; drop num_classes from the recipe or fix it")
+        k = int(k)
         with full_precision(student.device):
             s, t = logit_pair("dense_kd", student, teacher, "anchors and classes")
             n, ch, h, w = s.shape
-            k = self.num_classes
             if ch % k:
                 raise KDConfigError(
                     f"dense_kd: {ch} channels are not a multiple of num_classes={k}; channels = anchors × classes, "
