@@ -11,6 +11,8 @@ the floor:
 * ``cached``        Hinton KD with the teacher's logits given precomputed (teacher-output cache).
 
 Run:  .venv/bin/python benchmarks/kd_step_overhead.py [--teacher resnet50 --student resnet18 --batch 32 --size 96]
+      [--device cuda --dtype bf16]   (mixed precision: student and teacher under autocast; CUDA is synchronised
+      around every timed call)
 Timings are medians over interleaved repetitions; the machine's other load adds noise, so compare
 ratios from one run, not absolute times across runs.
 """
@@ -18,6 +20,7 @@ ratios from one run, not absolute times across runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -28,11 +31,16 @@ import torchvision
 from kd_tasks.shared import Distiller
 
 
+SYNC = {"fn": lambda: None}
+
+
 def timed(fn, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
+        SYNC["fn"]()
         t0 = time.perf_counter()
         fn()
+        SYNC["fn"]()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -45,27 +53,36 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="bf16/fp16: every step under autocast (fp16 on CUDA only)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    teacher = getattr(torchvision.models, a.teacher)(num_classes=10).eval().requires_grad_(False)
-    student = getattr(torchvision.models, a.student)(num_classes=10)
-    x = torch.randn(a.batch, 3, a.size, a.size)
-    y = torch.randint(0, 10, (a.batch,))
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        SYNC["fn"] = torch.cuda.synchronize
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    teacher = getattr(torchvision.models, a.teacher)(num_classes=10).eval().requires_grad_(False).to(device)
+    student = getattr(torchvision.models, a.student)(num_classes=10).to(device)
+    x = torch.randn(a.batch, 3, a.size, a.size, device=device)
+    y = torch.randint(0, 10, (a.batch,), device=device)
     opt = torch.optim.SGD(student.parameters(), lr=1e-3)
 
     def student_step():
         student.train()
-        loss = F.cross_entropy(student(x), y)
+        with amp():
+            loss = F.cross_entropy(student(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def teacher_fwd():
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             teacher(x)
 
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         cached = {"output": teacher(x)}
 
     variants = {
@@ -84,7 +101,8 @@ def main() -> None:
     def kd_step(d, **kw):
         def step():
             d.train()
-            loss = d(x, y, **kw)["loss"]
+            with amp():
+                loss = d(x, y, **kw)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -93,10 +111,12 @@ def main() -> None:
     def hand_written_kd():
         """The same KD step written by hand: the reference a framework should not exceed."""
         student.train()
-        s_logits = student(x)
-        with torch.no_grad():
-            t_logits = teacher(x)
+        with amp():
+            s_logits = student(x)
+            with torch.no_grad():
+                t_logits = teacher(x)
         T = 4.0
+        s_logits, t_logits = s_logits.float(), t_logits.float()
         kd = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="batchmean") * T * T
         loss = F.cross_entropy(s_logits, y) + kd
         opt.zero_grad(set_to_none=True)
@@ -117,7 +137,8 @@ def main() -> None:
             samples[name] += timed(fn, 1)
     med = {k: statistics.median(v) for k, v in samples.items()}
     floor = med["student step"] + med["teacher forward"]
-    print(f"{a.teacher} -> {a.student}, batch {a.batch} of {a.size}x{a.size}, {a.threads} threads, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {a.threads} threads"
+    print(f"{a.teacher} -> {a.student}, batch {a.batch} of {a.size}x{a.size}, {where}, {a.dtype}, "
           f"medians of {a.reps}")
     print(f"{'':40}{'seconds':>9}{'/ floor':>9}")
     print(f"{'student step':40}{med['student step']:9.3f}")

@@ -13,7 +13,8 @@ with CrossKD (teacher GFL R101 2x-ms: 44.9 AP).
         --student-config mmdet::gfl/gfl_r50_fpn_1x_coco.py \\
         --recipe configs/detection/crosskd_gfl.py --work-dir work_dirs/crosskd_gfl_r101_r50
 
-One term per FPN level and branch; P3..P7 are the head's calls 0..4 (``bbox_head.cls_convs.2#k``) and
+A narrower student head is mapped to the teacher's width by a 1x1 convolution inside the loss
+(``connector="auto"``: the identity when the widths match, as here). One term per FPN level and branch; P3..P7 are the head's calls 0..4 (``bbox_head.cls_convs.2#k``) and
 elements 0..4 of its outputs (``bbox_head:0.k`` class scores, ``bbox_head:1.k`` box distributions).
 
 Where this differs from the authors (see ``kd_tasks/detection/crosskd.py``), and how the weights follow:
@@ -40,14 +41,14 @@ _SHARE = [4.0**-level / sum(4.0**-j for j in range(_LEVELS)) for level in range(
 distill = dict(
     terms=[
         dict(name=f"crosskd_cls_p{level + 3}",
-             loss=dict(type="crosskd", branch="cls", reused_index=3,
+             loss=dict(type="crosskd", branch="cls", reused_index=3, connector="auto",
                        loss=dict(type="dense_kd", mode="sigmoid", temperature=1.0)),
              student=f"bbox_head.cls_convs.2#{level}", teacher=f"bbox_head:0.{level}",
              weight=round(150.0 * _SHARE[level], 3))
         for level in range(_LEVELS)
     ] + [
         dict(name=f"crosskd_reg_p{level + 3}",
-             loss=dict(type="crosskd", branch="reg", reused_index=3, level=level,
+             loss=dict(type="crosskd", branch="reg", reused_index=3, level=level, connector="auto",
                        loss=dict(type="ld", reg_max=16, temperature=1.0, region="boxes")),
              student=f"bbox_head.reg_convs.2#{level}", teacher=f"bbox_head:1.{level}",
              weight=round(4.0 * _SHARE[level], 4))

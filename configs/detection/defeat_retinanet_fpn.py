@@ -17,13 +17,13 @@ has no RoI head.
         --recipe configs/detection/defeat_retinanet_fpn.py --work-dir work_dirs/defeat_r101_r50
 """
 
-LEVELS = (3, 4, 5, 6, 7)
+_LEVELS = (3, 4, 5, 6, 7)
 
 distill = dict(
     terms=[
         dict(name=f"defeat_p{level}", loss=dict(type="fg_feature", fg_weight=1.0, bg_weight=4.0),
-             student=f"neck@P{level}", teacher=f"neck@P{level}", connector="conv1x1", weight=1.0 / len(LEVELS))
-        for level in LEVELS
+             student=f"neck@P{level}", teacher=f"neck@P{level}", connector="conv1x1", weight=1.0 / len(_LEVELS))
+        for level in _LEVELS
     ],
 )
 

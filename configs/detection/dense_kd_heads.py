@@ -14,13 +14,13 @@ baseline for ``ld_gfl.py`` and ``crosskd_gfl.py``.
         --recipe configs/detection/dense_kd_heads.py --work-dir work_dirs/dense_kd_gfl
 """
 
-LEVELS = (3, 4, 5, 6, 7)
+_LEVELS = (3, 4, 5, 6, 7)
 
 distill = dict(
     terms=[
         dict(name=f"cls_kd_p{level}", loss=dict(type="dense_kd", mode="sigmoid", temperature=1.0),
              student=f"bbox_head:0@P{level}", teacher=f"bbox_head:0@P{level}", weight=1.0)
-        for level in LEVELS
+        for level in _LEVELS
     ],
 )
 

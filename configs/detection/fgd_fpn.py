@@ -14,7 +14,7 @@ RetinaNet ResNeXt-101 -> R50, COCO 37.4 -> 40.7 AP.
         --recipe configs/detection/fgd_fpn.py --work-dir work_dirs/fgd_retina
 """
 
-LEVELS = (3, 4, 5, 6, 7)
+_LEVELS = (3, 4, 5, 6, 7)
 
 distill = dict(
     terms=[
@@ -22,7 +22,7 @@ distill = dict(
              loss=dict(type="fgd", temperature=0.5, alpha_fgd=1e-3, beta_fgd=5e-4, gamma_fgd=5e-4, lambda_fgd=5e-6,
                        seed=level),
              student=f"neck@P{level}", teacher=f"neck@P{level}", connector="auto", weight=1.0)
-        for level in LEVELS
+        for level in _LEVELS
     ],
 )
 

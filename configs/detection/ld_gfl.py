@@ -15,13 +15,13 @@ the main region, paper Table 7); the issue's reference, GFL R50 40.1 -> 41.0 wit
         --recipe configs/detection/ld_gfl.py --work-dir work_dirs/ld_gfl
 """
 
-LEVELS = (3, 4, 5, 6, 7)
+_LEVELS = (3, 4, 5, 6, 7)
 
 distill = dict(
     terms=[
         dict(name=f"ld_p{level}", loss=dict(type="ld", reg_max=16, temperature=10.0, region="boxes"),
              student=f"bbox_head:1@P{level}", teacher=f"bbox_head:1@P{level}", weight=1.0)
-        for level in LEVELS
+        for level in _LEVELS
     ],
 )
 

@@ -14,13 +14,13 @@ ResNeXt-101 -> R50, COCO 37.4 -> 41.0 AP.
         --recipe configs/detection/mgd_fpn.py --work-dir work_dirs/mgd_retina
 """
 
-LEVELS = (3, 4, 5, 6, 7)
+_LEVELS = (3, 4, 5, 6, 7)
 
 distill = dict(
     terms=[
         dict(name=f"mgd_p{level}", loss=dict(type="mgd", alpha_mgd=2e-5, lambda_mgd=0.65, seed=level),
              student=f"neck@P{level}", teacher=f"neck@P{level}", connector="auto", weight=1.0)
-        for level in LEVELS
+        for level in _LEVELS
     ],
 )
 

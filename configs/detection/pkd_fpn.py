@@ -17,13 +17,13 @@ P3-P7 FPNs, add P7). An ``auto`` connector maps a narrower student FPN to the te
         --recipe configs/detection/pkd_fpn.py --work-dir work_dirs/pkd_fcos_x101_retina_r50
 """
 
-LEVELS = (3, 4, 5, 6)
+_LEVELS = (3, 4, 5, 6)
 
 distill = dict(
     terms=[
         dict(name=f"pkd_p{level}", loss=dict(type="pkd"), student=f"neck@P{level}", teacher=f"neck@P{level}",
              connector="auto", weight=10.0)
-        for level in LEVELS
+        for level in _LEVELS
     ],
 )
 

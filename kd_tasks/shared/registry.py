@@ -12,17 +12,21 @@ import inspect
 from typing import Any, Callable, Mapping
 
 from .errors import KDConfigError, suggest
+from .precision import full_precision_forward
 
 
 class Registry:
     """Maps names to classes (or factories) of one kind."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, on_register: Callable[[Any], Any] | None = None):
         self.kind = kind
         self._items: dict[str, Callable[..., Any]] = {}
+        self._on_register = on_register
 
     def register(self, name: str | None = None, *aliases: str):
         def deco(obj):
+            if self._on_register is not None:
+                obj = self._on_register(obj)
             for key in (name or obj.__name__, *aliases):
                 key = key.lower()
                 if key in self._items and self._items[key] is not obj:
@@ -81,6 +85,6 @@ def check_kwargs(obj: Callable[..., Any], kwargs: Mapping[str, Any], what: str) 
             )
 
 
-LOSSES = Registry("loss")
+LOSSES = Registry("loss", on_register=full_precision_forward)  # every loss computes in float32 (or wider)
 CONNECTORS = Registry("connector")
 SCHEMES = Registry("scheme")

@@ -31,6 +31,8 @@ def built(cfg: dict, seed: int):
 def pairs(kind: str, make_model):
     if kind == "retinanet":
         return make_model("student", 1), make_model("teacher", 2)
+    if kind == "gfl-narrow":  # a narrower FPN and head too: CrossKD maps the width inside its loss
+        return built(tiny_gfl(8, 16), 1), pairs("gfl", make_model)[1]
     if kind == "gfl":  # a narrower backbone, the same head width (as R101 -> R50 GFL, both 256 wide)
         teacher = built(tiny_gfl(16, 32), 2)
         with torch.no_grad():  # a random head predicts near-uniform distributions: give the teacher opinions
@@ -44,12 +46,24 @@ def pairs(kind: str, make_model):
     raise ValueError(kind)
 
 
+def test_every_shipped_recipe_passes_the_command_line_checks():
+    from kd_tasks.detection.train import RECIPE_KEYS
+    from kd_tasks.shared.config import check_keys
+
+    paths = sorted(p for p in RECIPES.iterdir() if p.suffix in (".py", ".yaml", ".yml", ".json"))
+    assert {p.name for p in paths} >= set(RETINA) | set(GFL)
+    for path in paths:
+        recipe = load_config(path)
+        check_keys(recipe, RECIPE_KEYS, f"recipe {path.name}")  # what kd-tasks detect checks
+        assert recipe["distill"]["terms"], path.name
+
+
 def distill_total(losses: dict, names: set[str]) -> torch.Tensor:
     return sum(losses[n] for n in names)
 
 
 @pytest.mark.parametrize("kind, recipe", [("retinanet", r) for r in RETINA] + [("gfl", r) for r in GFL]
-                         + [("faster_rcnn->retinanet", "pkd_fpn.py")])
+                         + [("faster_rcnn->retinanet", "pkd_fpn.py"), ("gfl-narrow", "crosskd_gfl.py")])
 def test_recipe_trains_the_student_only(make_model, batch, kind, recipe):
     student, teacher = pairs(kind, make_model)
     distill = load_config(RECIPES / recipe)["distill"]
