@@ -21,8 +21,15 @@ validation images; a score near chance is reported loudly (weights not loaded, o
 other preprocessing).
 
 Outputs under ``--output-dir``: one sub-directory per trained model (``teacher``, ``assistant1``,
-..., ``student``) with checkpoints and logs; the student's weights in
-``student/export/model.safetensors``; accuracies in ``results.json``.
+..., ``student``, ``baseline``) with checkpoints, logs and ``loss_curves.png`` (one panel per logged
+term); the student's weights in ``student/export/model.safetensors`` (``--export onnx``: also
+``student/export/model.onnx``, checked against PyTorch with onnxruntime); accuracies in
+``results.json``; the compression report (:mod:`kd_tasks.shared.report`) in ``report.md``,
+``report.json`` and ``report.png``.
+
+The plain baseline: unless ``--no-baseline``, the student's architecture is also trained alone
+(cross-entropy only) in ``baseline/``, from the same initial weights and with the same batch order as
+the distilled student, so the report compares them on equal terms (paired).
 """
 
 from __future__ import annotations
@@ -45,6 +52,15 @@ from .shared.registry import SCHEMES
 from .shared.schemes import RECIPE_KEYS, AssistantChain, MutualLearning, SelfDistillation, scheme_from_recipe
 from .shared.training import TrainConfig, Trainer
 from .shared.validate import AT_LEAST_2, NON_NEG_INT, NON_NEGATIVE, POS_INT, POSITIVE, check_recipe_numbers, check_rules
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples kept as written; every option's default shown (unless None/False, i.e. "not given")."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CHECK_IMAGES = 256  # validation images scored by the teacher check
@@ -472,6 +488,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         student = fit(scheme, "student").model
 
+    for stage in stage_dirs(out):
+        _loss_curves(stage)
+    baseline = None
+    if args.report and args.baseline:
+        # the student's architecture trained alone: same initial weights (offset 300), same batch order (seed)
+        baseline = model(args.student, 300)
+        print(f"training the plain baseline {args.student!r} alone (same initial weights and batch order)", flush=True)
+        fit(Distiller(baseline, None, terms=[], task_loss=nn.CrossEntropyLoss()), "baseline")
+        _loss_curves(out / "baseline")
+
     results = {
         "recipe": str(args.recipe),
         "data": note,
@@ -482,14 +508,83 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "student": {args.student: accuracy(student, val_set)},
         "student_weights": str(out / "student" / "export" / "model.safetensors"),
     }
+    if baseline is not None:
+        results["baseline"] = {args.student: accuracy(baseline, val_set)}
+    # what `kd-tasks report --run DIR` needs to rebuild every model and the evaluation data
+    results["data_spec"] = {"data": str(args.data) if args.data is not None else None, "dataset": args.dataset,
+                            "image_size": size, "channels": channels, "num_classes": num_classes}
+    specs = []
+    for i, name in enumerate(teachers):
+        stage = "teacher" if len(teachers) == 1 else f"teacher{i}"
+        specs.append({"name": f"teacher {name}", "arch": name, "role": "teacher" if i == 0 else "assistant",
+                      "weights": str(weights[i]) if weights else str(out / stage / "export" / "model.safetensors")})
+    for name, stage in zip(args.assistant or [], getattr(scheme, "names", [])):
+        specs.append({"name": f"assistant {name}", "arch": name, "role": "assistant",
+                      "weights": str(out / stage / "export" / "model.safetensors")})
+    specs.append({"name": f"student {args.student} (distilled)", "arch": args.student, "role": "student",
+                  "weights": results["student_weights"]})
+    if baseline is not None:
+        specs.append({"name": f"student {args.student} alone", "arch": args.student, "role": "baseline",
+                      "weights": str(out / "baseline" / "export" / "model.safetensors")})
+    results["models"] = specs
+    example = next(iter(torch.utils.data.DataLoader(spread(val_set, 64), batch_size=64)))[0]
+    if args.export:
+        from .shared.export import check_onnx, export_onnx
+
+        path = export_onnx(student, example, out / "student" / "export" / "model.onnx")
+        diff = check_onnx(student, example, path)
+        results["student_onnx"] = str(path)
+        print(f"student ONNX: {path} (onnxruntime vs PyTorch on {len(example)} validation images: max |diff| "
+              f"{diff:.2e})", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print("validation accuracy:")
-    for role in ("teachers", "assistants", "student"):
-        for name, acc in results[role].items():
+    for role in ("teachers", "assistants", "student", "baseline"):
+        for name, acc in results.get(role, {}).items():
             print(f"  {role.rstrip('s'):<10} {name:<28} {100 * acc:6.2f} %")
     print(f"student weights: {results['student_weights']}")
+    if args.report:
+        entries = [(f"teacher {n}", t, "teacher") for n, t in zip(teachers, teacher_models)][:1]
+        entries += [(f"teacher {n} #{i}", t, "assistant") for i, (n, t) in enumerate(zip(teachers, teacher_models)) if i]
+        entries += [(f"assistant {n}", a, "assistant") for n, a in zip(args.assistant or [], assistants)]
+        entries.append((f"student {args.student} (distilled)", student, "student"))
+        if baseline is not None:
+            entries.append((f"student {args.student} alone", baseline, "baseline"))
+        if not teacher_models:  # mutual / self schemes: the reference is the plain baseline, else the student
+            ref = baseline if baseline is not None else student
+            entries.insert(0, (f"reference {args.student} {'alone' if baseline is not None else ''}".strip(), ref, "teacher"))
+        rep, paths = report_models(entries, val_set, example, out, quantize=args.quantize, metric_name="val accuracy")
+        print(rep.to_text())
+        print(f"report: {paths['markdown']}  {paths['json']}  plot: {paths['png']}", flush=True)
+        results["report"] = str(paths["json"])
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _loss_curves(stage_dir: Path) -> None:
+    from .shared.report import plot_loss_curves
+
+    plot_loss_curves(stage_dir / "log.jsonl")
+
+
+def report_models(entries: Sequence[tuple[str, nn.Module, str]], eval_set: Any, example: torch.Tensor, out: Path, *,
+                  quantize: bool = False, metric_name: str = "accuracy", batch_size: int = 256, stem: str = "report"):
+    """Compression report of ``(name, model, role)`` entries (one role ``teacher``) on ``eval_set`` (top-1
+    accuracy); ``quantize`` adds an int8 dynamic copy of every student/baseline with Linear layers
+    (CPU). Writes ``<stem>.md/.json/.png`` to ``out``; returns ``(report, paths)``."""
+    from .shared.export import has_quantizable_layers, quantize_dynamic_int8
+    from .shared.report import ModelEntry, build_report
+
+    rows = [ModelEntry(name, m, role) for name, m, role in entries]
+    if quantize:
+        for name, m, role in entries:
+            if role in ("student", "baseline") and has_quantizable_layers(m):
+                rows.append(ModelEntry(f"{name} int8", quantize_dynamic_int8(m), "quantized", flops_from=name,
+                                       note="torch.ao dynamic int8 (Linear layers)"))
+    device = next(iter(entries[0][1].parameters())).device
+    rep = build_report(rows, example.to(device), metric_name=metric_name,
+                       metric_fn=lambda m: accuracy(m, eval_set), batch_size=batch_size)
+    return rep, rep.write(out, stem)
 
 
 EXAMPLES = """examples:
@@ -513,9 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil an image classifier with any scheme recipe of configs/shared "
                     "(offline, mutual, self, multi-teacher, adversarial, TAKD chain).",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--recipe", required=True, type=Path, help="a recipe file, e.g. configs/shared/offline_hinton.yaml")
+    p.add_argument("--recipe", "--config", dest="recipe", required=True, type=Path,
+                   help="a recipe file, e.g. configs/shared/offline_hinton.yaml")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", type=Path, metavar="DIR", help="ImageFolder tree with train/ and val/ sub-folders")
     data.add_argument("--dataset", choices=("digits",), help="digits: scikit-learn's bundled 8x8 digits (no download)")
@@ -532,13 +628,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="images are resized to SIZE x SIZE (default 224 for --data, 8 for digits)")
     p.add_argument("--epochs", type=float, help="epochs of each stage (default: the recipe's train section, else 10)")
     p.add_argument("--batch-size", type=int, help="per process (default: recipe, else 64)")
-    p.add_argument("--lr", type=float, help="SGD learning rate (default: recipe, else 0.05)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="SGD learning rate (default: recipe, else 0.05)")
     p.add_argument("--output-dir", default="runs/classify", help="checkpoints, logs, exported student, results.json")
     p.add_argument("--resume", action="store_true", help="continue every stage from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output-dir (its checkpoints, logs, exports, results.json)")
-    p.add_argument("--seed", type=int, help="seed of model initialisation and data order (default 0)")
+    p.add_argument("--seed", type=int, help="seed of model initialisation and data order (default: the recipe's "
+                   "train.seed, else 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, console log or TensorBoard")
+    p.add_argument("--export", choices=("onnx",), help="also export the student to student/export/model.onnx, checked "
+                   "against PyTorch with onnxruntime")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip the compression report (report.md/.json/.png) and the plain baseline")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="do not train the student's architecture alone for the report")
+    p.add_argument("--quantize", action="store_true",
+                   help="add int8 dynamic quantised copies (torch.ao, Linear layers) of the students to the report")
     return p
 
 

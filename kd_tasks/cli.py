@@ -23,6 +23,8 @@ EXAMPLES = """examples:
       --recipe configs/detection/cwd_retinanet_fpn.py --work-dir work/
   kd-tasks face --teacher teacher.onnx --data faces/ --student mobilefacenet --output-dir out/
   kd-tasks classify --recipe configs/shared/scheme_takd.yaml --data imgs/ --teacher resnet50 --teacher-weights T.pth --assistant resnet34 --student resnet18
+  kd-tasks report --run runs/classify                 compression report + Pareto plot of a classify run
+  kd-tasks search --dataset digits --teacher cnn:32 --train-teacher-epochs 10 --widths 2 4 8 --budget 120
 """
 
 # subcommand -> (module with main(argv), one-line help, example)
@@ -32,6 +34,8 @@ COMMANDS = {
     "detect": ("kd_tasks.detection.train", "distil an MMDetection 3.x detector"),
     "face": ("kd_tasks.face.train", "train a face-embedding student from a face-recognition teacher"),
     "classify": ("kd_tasks.classify", "distil an image classifier with any scheme recipe (torchvision models, ImageFolder data)"),
+    "report": ("kd_tasks.report_cli", "compression report of trained classifiers: size, FLOPs, latency, accuracy, Pareto plot"),
+    "search": ("kd_tasks.search", "search a student family with short distillations (successive halving, time budget)"),
 }
 
 

@@ -16,8 +16,9 @@ RECIPES = Path(__file__).parents[1] / "configs" / "shared"
 FAST = ["--batch-size", "64", "--quiet"]
 
 
-def classify(tmp: Path, recipe: str, *extra: str) -> tuple[int, dict]:
-    code = main(["--recipe", str(RECIPES / recipe), "--output-dir", str(tmp), *FAST, *extra])
+def classify(tmp: Path, recipe: str, *extra: str, report: bool = False) -> tuple[int, dict]:
+    code = main(["--recipe", str(RECIPES / recipe), "--output-dir", str(tmp), *FAST, *extra,
+                 *([] if report else ["--no-report"])])
     results = json.loads((tmp / "results.json").read_text()) if code == 0 else {}
     return code, results
 
@@ -25,10 +26,13 @@ def classify(tmp: Path, recipe: str, *extra: str) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("offline")
-    code, results = classify(out, "offline_hinton.yaml", "--dataset", "digits", "--teacher", "cnn:8",
-                             "--train-teacher-epochs", "3", "--student", "cnn:4", "--epochs", "2")
+    code, results = classify(out, "offline_hinton.yaml", *OFFLINE, report=True)
     assert code == 0
     return out, results
+
+
+OFFLINE = ["--dataset", "digits", "--teacher", "cnn:8", "--train-teacher-epochs", "3", "--student", "cnn:4", "--epochs",
+           "2", "--export", "onnx", "--quantize"]
 
 
 def test_offline_recipe_exports_a_student_that_reproduces_the_reported_accuracy(offline_run):
@@ -175,10 +179,9 @@ def test_resume_after_a_finished_run_trains_nothing_more(offline_run):
     out, results = offline_run
     before = load_file(results["student_weights"])
     states = sorted(out.glob("*/checkpoints/*/state.pt"))
-    assert len(states) == 2  # teacher and student
+    assert [s.parents[2].name for s in states] == ["baseline", "student", "teacher"]
     saved = [s.stat().st_mtime_ns for s in states]
-    code, again = classify(out, "offline_hinton.yaml", "--dataset", "digits", "--teacher", "cnn:8",
-                           "--train-teacher-epochs", "3", "--student", "cnn:4", "--epochs", "2", "--resume")
+    code, again = classify(out, "offline_hinton.yaml", *OFFLINE, "--resume", report=True)
     assert code == 0 and again == results
     after = load_file(results["student_weights"])
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -249,3 +252,60 @@ def test_resume_with_another_teacher_or_student_is_refused_naming_the_part(tmp_p
     code, _ = classify(tmp_path / "run", "offline_hinton.yaml", *DIGITS[:-1], "cnn:3", "--epochs", "0.4", "--resume")
     err = capsys.readouterr().err
     assert code == 2 and "student architecture" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ report, plots, ONNX
+
+
+def test_report_compares_teacher_distilled_student_and_paired_baseline(offline_run):
+    out, results = offline_run
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["role"]: r for r in report["rows"] if r["role"] != "quantized"}
+    assert set(rows) == {"teacher", "student", "baseline"}
+    assert rows["student"]["metric"] == pytest.approx(results["student"]["cnn:4"])
+    assert rows["baseline"]["metric"] == pytest.approx(results["baseline"]["cnn:4"])
+    assert rows["student"]["params"] == rows["baseline"]["params"] < rows["teacher"]["params"]
+    assert rows["teacher"]["retained"] == 1.0 and rows["student"]["speedup"] > 1
+    assert [r["name"] for r in report["rows"] if r["role"] == "quantized"] == [
+        "student cnn:4 (distilled) int8", "student cnn:4 alone int8"]
+    for f in ("report.md", "report.png", "teacher/loss_curves.png", "student/loss_curves.png",
+              "baseline/loss_curves.png"):
+        assert (out / f).read_bytes()[:4] in (b"\x89PNG", b"| mo"), f
+    # the baseline started from the student's initial weights (offset 300) and trained alone
+    logs = [json.loads(line) for line in (out / "baseline" / "log.jsonl").read_text().splitlines()]
+    assert logs and all("kd" not in entry for entry in logs)
+
+
+def test_onnx_export_of_the_student_matches_pytorch(offline_run):
+    import numpy as np
+
+    from kd_tasks.shared.export import run_onnx
+
+    out, results = offline_run
+    assert results["student_onnx"] == str(out / "student" / "export" / "model.onnx")
+    student = build_model("cnn:4", 10, in_channels=1, image_size=8)
+    load_model(student, results["student_weights"])
+    student.eval()
+    _, val, _ = digits()
+    x = val.x[:33]
+    with torch.no_grad():
+        ref = student(x).numpy()
+    np.testing.assert_allclose(run_onnx(results["student_onnx"], x)[0], ref, atol=1e-4, rtol=1e-3)
+
+
+def test_report_subcommand_rebuilds_a_classify_run(offline_run, tmp_path, capsys):
+    from kd_tasks.cli import main as cli
+
+    out, results = offline_run
+    assert cli(["report", "--run", str(out), "--output-dir", str(tmp_path)]) == 0
+    assert "FoM" in capsys.readouterr().out
+    again = json.loads((tmp_path / "report.json").read_text())
+    first = json.loads((out / "report.json").read_text())
+    metric = lambda rep: {r["name"]: (r["metric"], r["params"], r["flops"], r["size_bytes"]) for r in rep["rows"]}  # noqa: E731
+    assert metric(again) == {k: v for k, v in metric(first).items() if not k.endswith("int8")}
+
+
+def test_learning_rate_and_config_aliases(tmp_path):
+    a = build_parser().parse_args(["--config", "r.yaml", "--dataset", "digits", "--student", "cnn:2",
+                                   "--learning-rate", "0.01"])
+    assert a.recipe == Path("r.yaml") and a.lr == 0.01

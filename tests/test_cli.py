@@ -50,3 +50,32 @@ def test_task_subcommands_show_help_with_an_example(cmd, capsys):
     out = capsys.readouterr().out
     assert "example" in out.lower() and f"kd-tasks {cmd}" in out
 
+
+
+@pytest.mark.parametrize("cmd", ["demo", "classify", "report", "search"])
+def test_own_subcommands_share_flag_names_and_show_defaults(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--output-dir" in out and f"kd-tasks {cmd}" in out
+    if cmd != "report":
+        assert "--lr LR, --learning-rate LR" in out and "--seed" in out
+    if cmd in ("classify", "search"):
+        assert "--recipe RECIPE, --config RECIPE" in out
+    if cmd == "demo":
+        assert "(default: 0)" in out and "(default: runs/demo)" in out
+    if cmd == "search":
+        assert "(default: 600.0)" in out and "(default: runs/search)" in out
+
+
+def test_seed_defaults_to_zero_everywhere():
+    from kd_tasks import classify, demo, search
+
+    assert demo.build_parser().parse_args([]).seed == 0
+    assert search.build_parser().parse_args(["--dataset", "digits", "--teacher", "cnn:8"]).seed == 0
+    # classify: the recipe's train.seed if it has one, else TrainConfig's default 0
+    from kd_tasks.shared.train_config import TrainConfig
+
+    assert TrainConfig().seed == 0
+    assert classify.build_parser().parse_args(["--recipe", "r", "--dataset", "digits", "--student", "cnn:2"]).seed is None

@@ -515,11 +515,24 @@ class Trainer:
                     self.save()
             finally:
                 self.log.close()
+            if self.accelerator.is_main_process:
+                self._plot_losses()
             export_dir = self._export() if cfg.export else None
             if interrupt.requested:  # Ctrl-C after the last step: everything is saved and exported
                 raise TrainingInterrupted(self.step, self._last_checkpoint)
         return TrainResult(exported_model(self.unwrapped), self.step, self.history, self.metrics,
                            self._last_checkpoint, export_dir)
+
+    def _plot_losses(self) -> None:
+        """``<output_dir>/loss_curves.png``: one panel per logged term (matplotlib, when installed)."""
+        try:
+            from .report import plot_loss_curves
+        except ImportError:
+            return
+        try:
+            plot_loss_curves(Path(self.config.output_dir) / "log.jsonl")
+        except ImportError:  # matplotlib missing: the numbers are in log.jsonl and TensorBoard
+            pass
 
     def _run_epoch(self) -> None:
         acc = self.accelerator

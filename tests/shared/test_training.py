@@ -504,3 +504,10 @@ def test_saves_replace_an_existing_step_without_deleting_it_first(tmp_path, monk
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002"]  # restored from the side name
     assert (tmp_path / "checkpoints/step-00000002/state.pt").read_bytes() == before
     ckpt.verify_checkpoint(tmp_path / "checkpoints/step-00000002")
+
+
+def test_every_run_ends_with_a_loss_curve_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    Trainer(make_scheme("offline"), Blobs(noise=0.3), config(tmp_path / "run")).fit()
+    png = tmp_path / "run" / "loss_curves.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
