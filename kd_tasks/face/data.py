@@ -4,15 +4,20 @@ Layout: ``root/<identity>/<image>`` with images ``.png``, ``.pgm``, ``.jpg``, ``
 (e.g. the AT&T/ORL database: ``s1/1.pgm ... s40/10.pgm``). Identities and images are sorted by
 name (numbers in names compare as numbers: ``s2`` before ``s10``), so sample indices are stable.
 
-Every image is read, converted to RGB (grayscale is repeated over three channels), resized to
-``image_size x image_size`` (bilinear) and scaled to ``[-1, 1]`` (``(x - 0.5) / 0.5``), giving a
-``(3, H, W)`` float tensor. This transform is deterministic, so teacher outputs can be cached on
+Every image is read, converted to RGB (grayscale is repeated over three channels), fitted into
+``image_size x image_size`` -- by default keeping its aspect ratio (``fit="pad"``: the longer side is
+resized to ``image_size`` and the image centred on black, as insightface pads; ``fit="stretch"``
+resizes to the square, distorting e.g. ORL's 92x112 faces) -- with bilinear interpolation, and scaled
+to ``[-1, 1]`` (``(x - 127.5) / 127.5``, insightface's recognition input), giving a
+``(3, H, W)`` float tensor. Files can be left out by pattern (``exclude``, e.g. a mislabelled
+``s10/target.jpg``). This transform is deterministic, so teacher outputs can be cached on
 it; ``flip=True`` adds a random horizontal flip for training (then build a teacher cache on the
 deterministic view, see :mod:`kd_tasks.shared.cache`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from pathlib import Path
@@ -23,7 +28,7 @@ import torch
 
 from kd_tasks.shared.errors import KDConfigError
 
-__all__ = ["FaceTransform", "IdentityFolder", "split_identities", "verification_pairs", "IMAGE_EXTENSIONS"]
+__all__ = ["FaceTransform", "IdentityFolder", "ImageFolder", "split_identities", "verification_pairs", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".pgm", ".jpg", ".jpeg", ".bmp", ".ppm")
 
@@ -36,9 +41,28 @@ def natural_key(text: str) -> list:
 class FaceTransform:
     """Image file -> ``(3, size, size)`` float tensor in ``[-1, 1]``; optional random horizontal flip."""
 
-    def __init__(self, image_size: int = 112, flip: bool = False):
+    FITS = ("pad", "stretch")
+
+    def __init__(self, image_size: int = 112, flip: bool = False, fit: str = "pad"):
         self.image_size = int(image_size)
         self.flip = bool(flip)
+        if fit not in self.FITS:
+            raise KDConfigError(f"image fit must be one of {', '.join(self.FITS)}, got {fit!r}")
+        self.fit = fit
+
+    def resize(self, img):
+        """A PIL image fitted into the square (aspect kept and padded, or stretched)."""
+        from PIL import Image
+
+        size = self.image_size
+        if self.fit == "stretch" or img.size[0] == img.size[1]:
+            return img.resize((size, size), Image.BILINEAR)
+        w, h = img.size
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        canvas = Image.new(img.mode, (size, size))
+        canvas.paste(img.resize((nw, nh), Image.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
+        return canvas
 
     def load(self, path: str | os.PathLike) -> np.ndarray:
         """The resized RGB image as ``uint8`` ``(H, W, 3)`` (before scaling)."""
@@ -46,7 +70,7 @@ class FaceTransform:
 
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
+                img = self.resize(img.convert("RGB"))
                 return np.asarray(img, dtype=np.uint8).copy()
         except (OSError, SyntaxError, ValueError) as e:  # not an image, truncated, unsupported mode
             if isinstance(e, FileNotFoundError):
@@ -61,7 +85,8 @@ class FaceTransform:
         return x
 
     def __repr__(self) -> str:
-        return f"FaceTransform(image_size={self.image_size}, flip={self.flip}, rgb, bilinear, (x-0.5)/0.5)"
+        return (f"FaceTransform(image_size={self.image_size}, flip={self.flip}, fit={self.fit!r}, rgb, bilinear, "
+                "(x-127.5)/127.5)")
 
 
 class IdentityFolder(torch.utils.data.Dataset):
@@ -73,13 +98,16 @@ class IdentityFolder(torch.utils.data.Dataset):
         identities: keep only these identity folder names (in the given order of labels);
             default: all, sorted.
         flip: random horizontal flip (training augmentation).
+        fit: ``"pad"`` (keep the aspect ratio, default) or ``"stretch"``.
+        exclude: ``fnmatch`` patterns of paths relative to ``root`` to leave out
+            (e.g. ``["s10/target.jpg"]``); each pattern must match a file (a typo is an error).
 
     Attributes: ``identities`` (label -> folder name), ``samples`` (list of ``(path, label)``),
     ``labels`` (``(N,)`` long tensor), ``transform``.
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int = 112, identities: Sequence[str] | None = None,
-                 flip: bool = False):
+                 flip: bool = False, fit: str = "pad", exclude: Sequence[str] = ()):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"face data folder {str(self.root)!r} not found (expected root/<identity>/<images>)")
@@ -95,13 +123,22 @@ class IdentityFolder(torch.utils.data.Dataset):
             files = sorted((f for f in (self.root / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS),
                            key=lambda f: natural_key(f.name))
             self.samples += [(f, label) for f in files]
+        self.exclude = [str(e) for e in (exclude or ())]
+        if self.exclude:
+            every = {f"{p.parent.name}/{p.name}" for d in self.root.iterdir() if d.is_dir() for p in d.iterdir()}
+            unused = [e for e in self.exclude if not fnmatch.filter(every, e)]
+            if unused:
+                raise KDConfigError(f"exclude patterns {unused} match no file of {str(self.root)!r}",
+                                    hint="give paths as <identity>/<file>, e.g. s10/target.jpg")
+            self.samples = [(p, y) for p, y in self.samples
+                            if not any(fnmatch.fnmatch(f"{p.parent.name}/{p.name}", e) for e in self.exclude)]
         if not self.samples:
             raise KDConfigError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the identity folders of {str(self.root)!r}; "
                 "expected root/<identity>/<image>"
             )
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
-        self.transform = FaceTransform(image_size, flip)
+        self.transform = FaceTransform(image_size, flip, fit)
 
     @property
     def num_classes(self) -> int:
@@ -118,7 +155,44 @@ class IdentityFolder(torch.utils.data.Dataset):
         """The same samples with the evaluation transform (no flip)."""
         if not self.transform.flip:
             return self
-        return IdentityFolder(self.root, self.transform.image_size, self.identities, flip=False)
+        return IdentityFolder(self.root, self.transform.image_size, self.identities, flip=False,
+                              fit=self.transform.fit, exclude=self.exclude)
+
+
+class ImageFolder(IdentityFolder):
+    """Face images without identities: every image under ``root`` (any depth), sorted by path, label 0.
+
+    For training from a teacher's embeddings alone (``kd-tasks face --unlabelled``): the labels are
+    placeholders that no loss may read. ``exclude`` patterns match paths relative to ``root``.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int = 112, flip: bool = False, fit: str = "pad",
+                 exclude: Sequence[str] = ()):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"face image folder {str(self.root)!r} not found")
+        files = sorted((f for f in self.root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
+                       key=lambda f: natural_key(str(f.relative_to(self.root))))
+        self.exclude = [str(e) for e in (exclude or ())]
+        rel = [str(f.relative_to(self.root).as_posix()) for f in files]
+        unused = [e for e in self.exclude if not fnmatch.filter(rel, e)]
+        if unused:
+            raise KDConfigError(f"exclude patterns {unused} match no file of {str(self.root)!r}")
+        self.samples = [(f, 0) for f, r in zip(files, rel) if not any(fnmatch.fnmatch(r, e) for e in self.exclude)]
+        if not self.samples:
+            raise KDConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(self.root)!r}")
+        self.identities = []
+        self.labels = torch.zeros(len(self.samples), dtype=torch.long)
+        self.transform = FaceTransform(image_size, flip, fit)
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    def deterministic(self) -> "ImageFolder":
+        if not self.transform.flip:
+            return self
+        return ImageFolder(self.root, self.transform.image_size, fit=self.transform.fit, exclude=self.exclude)
 
 
 def split_identities(root: str | os.PathLike, num_test: int | None = None, test_fraction: float = 0.25,

@@ -36,6 +36,7 @@ __all__ = [
     "MarginSoftmaxLoss",
     "MARGINS",
     "build_margin_head",
+    "init_head_from_teacher",
 ]
 
 ARC_BOUNDARIES = ("insightface", "easy", "none")
@@ -221,3 +222,22 @@ class MarginSoftmaxLoss(nn.Module):
         if target is None:
             raise KDConfigError("a margin loss needs identity labels (target)")
         return F.cross_entropy(self.head(embeddings, target), target.long())
+
+
+@torch.no_grad()
+def init_head_from_teacher(head: MarginHead, centres: Tensor, freeze: bool = False) -> MarginHead:
+    """Start (or fix) a margin head's class centres at the teacher's: ``W ← centres`` (C, D).
+
+    ``centres`` are e.g. :func:`kd_tasks.face.space.class_centres` of the training set's teacher
+    embeddings (in a conditioned teacher space). With ``freeze=True`` the centres get no gradient:
+    the student must place its embeddings where the teacher puts each identity (as in ProxylessKD,
+    Shi et al. 2020, and MarginDistillation's frozen head).
+    """
+    if tuple(centres.shape) != tuple(head.weight.shape):
+        raise ShapeMismatchError(
+            f"{type(head).__name__}: teacher centres {tuple(centres.shape)} for a head of {tuple(head.weight.shape)} "
+            "(the student's embedding width must equal the (conditioned) teacher width)"
+        )
+    head.weight.copy_(F.normalize(centres.float(), dim=1))
+    head.weight.requires_grad_(not freeze)
+    return head

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from kd_tasks.shared.cache import file_fingerprint, teacher_fingerprint
 from kd_tasks.shared.errors import KDConfigError
 
-__all__ = ["TorchTeacher", "ONNXTeacher", "DlibTeacher", "load_teacher", "resize_batch"]
+__all__ = ["TorchTeacher", "ONNXTeacher", "DlibTeacher", "load_teacher", "resize_batch", "check_teacher", "SCALINGS"]
 
 
 def resize_batch(x: Tensor, size: int | tuple[int, int] | None) -> Tensor:
@@ -80,40 +80,97 @@ class TorchTeacher(nn.Module):
         return f"torch:{file_fingerprint(path)}:{self.input_size}" if path else f"torch:{teacher_fingerprint(self.model)}:{self.input_size}"
 
 
-class ONNXTeacher(nn.Module):
-    """An ONNX embedding model run with onnxruntime.
+SCALINGS = {
+    # name -> (mean, std) applied to 0..255 pixels: input = (x - mean) / std
+    "insightface": (127.5, 127.5),  # insightface recognition packs (ArcFaceONNX): (x - 127.5) / 127.5
+    "unit": (0.0, 255.0),           # x / 255
+    "raw": (0.0, 1.0),              # 0..255 as is (e.g. mxnet-converted models that normalise inside)
+}
+LAYOUTS = ("auto", "nchw", "nhwc")
+CHANNEL_ORDERS = ("rgb", "bgr")
 
-    The first graph input receives the images as float32 NCHW; when that input has a fixed height
-    and width, images are resized to it first. The first graph output is the embedding.
+
+class ONNXTeacher(nn.Module):
+    """An ONNX embedding model run with onnxruntime, with its input convention declared.
+
+    The dataset's images (RGB, ``(x - 127.5) / 127.5``, NCHW) are converted to what the model
+    expects: ``input_size`` (default: the graph's fixed height and width), ``scaling`` (a name of
+    ``SCALINGS`` -- insightface's recognition packs use ``"insightface"``, 112x112 -- or a
+    ``(mean, std)`` pair on 0..255 pixels), ``channels`` (``"rgb"`` or ``"bgr"``) and ``layout``
+    (``"nchw"``, ``"nhwc"`` or ``"auto"``: NHWC when the graph's last dimension is 1 or 3 and its
+    second is not). A graph with a fixed batch dimension is run in chunks of that size (the last
+    chunk padded by repeating its last image; the padding's outputs are dropped). The first graph
+    output is the embedding.
     """
 
     def __init__(self, path: str | os.PathLike, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 input_size: int | None = None):
+                 input_size: int | tuple[int, int] | None = None, scaling: str | tuple[float, float] = "insightface",
+                 channels: str = "rgb", layout: str = "auto"):
         super().__init__()
         self.path = _require_file(path, "ONNX teacher file")
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - the face extra installs it
             raise ImportError("the ONNX teacher needs onnxruntime: pip install 'kd-tasks[face]'") from e
+        if isinstance(scaling, str):
+            if scaling not in SCALINGS:
+                raise KDConfigError(f"ONNX teacher: scaling must be one of {', '.join(SCALINGS)} or (mean, std), "
+                                    f"got {scaling!r}")
+            self.mean, self.std = SCALINGS[scaling]
+        else:
+            self.mean, self.std = (float(v) for v in scaling)
+        if channels not in CHANNEL_ORDERS or layout not in LAYOUTS:
+            raise KDConfigError(f"ONNX teacher: channels must be rgb or bgr and layout auto, nchw or nhwc; got "
+                                f"{channels!r}, {layout!r}")
+        self.scaling, self.channels = scaling, channels
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = list(inp.shape)
-        if input_size is None and len(shape) == 4 and all(isinstance(s, int) for s in shape[2:]):
-            input_size = (shape[2], shape[3])
+        if len(shape) != 4:
+            raise KDConfigError(f"ONNX teacher {str(self.path)!r}: input {inp.name!r} has shape {shape}; "
+                                "an image model takes a 4-d (N, C, H, W) or (N, H, W, C) input")
+        if layout == "auto":
+            layout = "nhwc" if shape[3] in (1, 3) and shape[1] not in (1, 3) else "nchw"
+        self.layout = layout
+        hw = shape[1:3] if layout == "nhwc" else shape[2:4]
+        if input_size is None and all(isinstance(v, int) for v in hw):
+            input_size = (hw[0], hw[1])
         self.input_size = input_size
+        self.batch_size = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         out_shape = self.session.get_outputs()[0].shape
         self.embedding_dim = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
 
+    def prepare(self, x: Tensor) -> np.ndarray:
+        """Dataset images -> the model's input array (size, scaling, channel order, layout)."""
+        x = resize_batch(x.detach().float().cpu(), self.input_size)
+        pixels = x * 127.5 + 127.5  # the dataset convention back to 0..255 pixels
+        if self.channels == "bgr":
+            pixels = pixels.flip(1)
+        out = (pixels - self.mean) / self.std
+        if self.layout == "nhwc":
+            out = out.permute(0, 2, 3, 1)
+        return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
     def forward(self, x: Tensor) -> Tensor:
-        batch = resize_batch(x.detach().float(), self.input_size).cpu().numpy()
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        return torch.from_numpy(np.asarray(out, dtype=np.float32).reshape(len(batch), -1)).to(x.device)
+        batch = self.prepare(x)
+        n = len(batch)
+        chunk = self.batch_size or max(n, 1)
+        outs = []
+        for start in range(0, n, chunk):
+            part = batch[start:start + chunk]
+            real = len(part)
+            if self.batch_size and real < chunk:
+                part = np.concatenate([part, np.repeat(part[-1:], chunk - real, axis=0)])
+            out = self.session.run(None, {self.input_name: part})[0]
+            outs.append(np.asarray(out, dtype=np.float32).reshape(len(part), -1)[:real])
+        return torch.from_numpy(np.concatenate(outs)).to(x.device)
 
     def fingerprint(self) -> str:
-        return f"onnx:{file_fingerprint(self.path)}:{self.input_size}"
+        return (f"onnx:{file_fingerprint(self.path)}:{self.input_size}:{self.mean},{self.std}:{self.channels}:"
+                f"{self.layout}")
 
 
 class DlibTeacher(nn.Module):
@@ -180,8 +237,10 @@ class DlibTeacher(nn.Module):
         return "dlib:" + hashlib.sha256(("|".join(parts) + settings).encode()).hexdigest()
 
 
-def load_teacher(spec: str, shape_predictor: str | None = None, input_size: int | None = None) -> nn.Module:
-    """A teacher from ``path.onnx``, ``path.pt``/``.pth``/``.ts`` (TorchScript) or ``dlib:<path.dat>``."""
+def load_teacher(spec: str, shape_predictor: str | None = None, input_size: int | None = None,
+                 **onnx_options: Any) -> nn.Module:
+    """A teacher from ``path.onnx``, ``path.pt``/``.pth``/``.ts`` (TorchScript) or ``dlib:<path.dat>``;
+    ``onnx_options`` (``scaling``, ``channels``, ``layout``) declare an ONNX model's input convention."""
     if spec.startswith("dlib:"):
         return DlibTeacher(spec[len("dlib:"):], shape_predictor=shape_predictor)
     path = Path(spec)
@@ -190,7 +249,23 @@ def load_teacher(spec: str, shape_predictor: str | None = None, input_size: int 
             f"teacher {spec!r} not found: give an .onnx file, a TorchScript .pt file or dlib:<path to .dat>"
         )
     if path.suffix.lower() == ".onnx":
-        return ONNXTeacher(path, input_size=input_size)
+        return ONNXTeacher(path, input_size=input_size, **onnx_options)
     if path.suffix.lower() in (".pt", ".pth", ".ts", ".jit"):
         return TorchTeacher.from_file(path, input_size=input_size)
     raise KDConfigError(f"teacher {spec!r}: unknown format {path.suffix!r}; use .onnx, .pt (TorchScript) or dlib:<path>")
+
+
+def check_teacher(metrics: dict, min_auc: float = 0.6) -> None:
+    """Refuse a teacher whose own verification AUC on the validation pairs is near chance (0.5).
+
+    A teacher that cannot verify faces teaches nothing; the usual cause is a wrong input convention
+    (size, scaling, channel order, layout) or a model that is not a face-embedding model.
+    """
+    auc = float(metrics.get("auc", float("nan")))
+    if not auc >= min_auc:
+        raise KDConfigError(
+            f"the teacher verifies the validation pairs at AUC {auc:.3f} (chance is 0.5, required >= {min_auc}): "
+            "it would teach nothing",
+            hint="check the teacher's input convention (--teacher-scaling, --teacher-channels, --teacher-layout, "
+                 "--teacher-input-size) and that it is a face-embedding model; --min-teacher-auc 0 skips this check",
+        )

@@ -40,8 +40,18 @@ KD_LOSSES: dict[str, tuple[Any, bool]] = {
     "pkt": ("pkt", False),
     "cc": ("cc", False),
     "margin_rkd": ("margin_rkd", False),
+    "centred": ({"type": "embedding_conditioned", "mode": "centre"}, True),
+    "whitened": ({"type": "embedding_conditioned", "mode": "whiten"}, True),
+    "ekd": ("ekd", False),
+    "adadistill": ("adadistill", False),
+    "margin_distillation": ("margin_distillation", False),
     "none": (None, False),
 }
+# --kd choices that are margin heads themselves: they replace the --margin head
+HEAD_METHODS = ("adadistill", "margin_distillation")
+# --kd choices whose labels come from the identity folders
+NEEDS_LABELS = ("ekd", "adadistill", "margin_distillation")
+SPACE_CHOICES = ("none", "centre", "whiten")
 MARGIN_CHOICES = ("arcface", "cosface", "sphereface", "softmax", "none")
 
 
@@ -54,7 +64,7 @@ def option_rules() -> dict[str, tuple]:
         "scale": POSITIVE, "margin_weight": NON_NEGATIVE, "kd_weight": NON_NEGATIVE, "epochs": POSITIVE,
         "max_steps": POS_INT, "batch_size": ("int", 2, None, False), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
         "warmup_steps": NON_NEG_INT, "seed": NON_NEG_INT, "split_seed": NON_NEG_INT, "eval_every": POS_INT,
-        "save_every": POS_INT, "log_every": POS_INT,
+        "save_every": POS_INT, "log_every": POS_INT, "min_teacher_auc": ("number", 0, 1, False),
     }
 
 
@@ -70,10 +80,17 @@ def check_options(args: argparse.Namespace, config_path: str | None = None) -> N
             where = f" (in {config_path})" if config_path else ""
             raise KDConfigError(f"--{key.replace('_', '-')}{where} must be a path or name, got {value!r}")
     for key, choices in (("margin", MARGIN_CHOICES), ("kd", tuple(KD_LOSSES)), ("optimizer", ("sgd", "adamw", "adam")),
-                         ("scheduler", ("cosine", "linear", "constant"))):
+                         ("scheduler", ("cosine", "linear", "constant")), ("image_fit", ("pad", "stretch")),
+                         ("teacher_scaling", ("insightface", "unit", "raw")), ("teacher_channels", ("rgb", "bgr")),
+                         ("teacher_layout", ("auto", "nchw", "nhwc")), ("head_init", ("random", "teacher")),
+                         ("teacher_space", (None, *SPACE_CHOICES))):
         if getattr(args, key) not in choices:
-            raise KDConfigError(f"--{key} must be one of {', '.join(choices)}, got {getattr(args, key)!r}")
-    for key in ("flip", "resume", "overwrite", "rebuild_cache", "cpu", "quiet"):
+            named = ", ".join(c for c in choices if c is not None)
+            raise KDConfigError(f"--{key.replace('_', '-')} must be one of {named}, got {getattr(args, key)!r}")
+    if args.exclude is not None and (not isinstance(args.exclude, list) or
+                                     not all(isinstance(e, str) for e in args.exclude)):
+        raise KDConfigError(f"--exclude must be file patterns like s10/target.jpg, got {args.exclude!r}")
+    for key in ("flip", "resume", "overwrite", "rebuild_cache", "cpu", "quiet", "freeze_head", "unlabelled"):
         if not isinstance(getattr(args, key), bool):
             raise KDConfigError(f"--{key.replace('_', '-')} must be true or false, got {getattr(args, key)!r}")
     if args.resume and args.overwrite:
@@ -106,6 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the teacher reads the images at this side (default: --image-size; an ONNX model with a "
                         "fixed input size gets its own size)")
     g.add_argument("--shape-predictor", help="dlib teacher: shape_predictor_5_face_landmarks.dat for alignment")
+    g.add_argument("--image-fit", default="pad", help="pad (keep the aspect ratio, default) or stretch images to "
+                                                      "the square")
+    g.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
+                   help="leave out files of --data/--val-data matching <identity>/<file> patterns "
+                        "(repeatable; e.g. s10/target.jpg)")
+    g.add_argument("--unlabelled", action="store_true",
+                   help="--data is a folder of face images without identities (any depth): train from the teacher's "
+                        "embeddings alone (needs --val-data with identity folders and a --kd without labels)")
+    g.add_argument("--teacher-scaling", default="insightface",
+                   help="ONNX teacher input scaling: insightface ((x-127.5)/127.5, default), unit (x/255), raw (0..255)")
+    g.add_argument("--teacher-channels", default="rgb", help="ONNX teacher channel order: rgb (default) or bgr")
+    g.add_argument("--teacher-layout", default="auto", help="ONNX teacher input layout: auto, nchw or nhwc")
+    g.add_argument("--min-teacher-auc", type=float, default=0.6,
+                   help="refuse a teacher whose own verification AUC on the validation pairs is below this (0.6; "
+                        "0 skips the check)")
     g = p.add_argument_group("model and losses")
     g.add_argument("--student", default="mobilefacenet", help="student architecture (mobilefacenet, "
                                                                "mobilefacenet_s, resnet_face)")
@@ -117,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin-weight", type=float, default=1.0, help="weight of the margin loss")
     g.add_argument("--kd", default="cosine", choices=list(KD_LOSSES), help="distillation loss on the embeddings")
     g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term")
+    g.add_argument("--teacher-space", default=None,
+                   help="condition the teacher's embeddings with training-set statistics: none, centre or whiten "
+                        "(default: centre for --kd centred and --head-init teacher, whiten for whitened, none -- "
+                        "the papers' -- for ekd, adadistill, margin_distillation)")
+    g.add_argument("--head-init", default="random",
+                   help="random, or teacher: start the margin head at the teacher's class centres")
+    g.add_argument("--freeze-head", action="store_true", help="keep the margin head fixed (with --head-init teacher)")
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", help="where checkpoints, the student and the report go (required)")
     g.add_argument("--epochs", type=float, default=10)
@@ -196,11 +235,23 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli("face", lambda a: run(parse_args(a)), argv)
 
 
-def build_terms(kd: str, weight: float, student_dim: int, teacher_dim: int) -> list[dict[str, Any]]:
+def build_terms(kd: str, weight: float, student_dim: int, teacher_dim: int, num_classes: int | None = None,
+                scale: float | None = None, teacher_space: str | None = None) -> list[dict[str, Any]]:
     """The distiller terms of a ``--kd`` choice (a linear connector when widths must match and differ)."""
     loss, same_width = KD_LOSSES[kd]
     if loss is None or weight == 0:
         return []
+    loss = {"type": loss} if isinstance(loss, str) else dict(loss)
+    if teacher_space is not None:
+        if loss["type"] == "embedding_conditioned":
+            loss["mode"] = teacher_space
+        elif loss["type"] in ("ekd", *HEAD_METHODS):
+            loss["space"] = teacher_space
+    if loss["type"] in HEAD_METHODS:
+        loss.update(num_classes=num_classes, embedding_dim=student_dim)
+        if scale is not None:
+            loss["scale"] = scale
+    loss = loss["type"] if list(loss) == ["type"] else loss
     term: dict[str, Any] = {"name": f"kd_{kd}", "loss": loss, "weight": weight}
     if same_width and student_dim != teacher_dim:
         term["connector"] = "linear"
@@ -208,6 +259,7 @@ def build_terms(kd: str, weight: float, student_dim: int, teacher_dim: int) -> l
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from kd_tasks.shared.cache import TeacherCache
@@ -217,14 +269,28 @@ def run(args: argparse.Namespace) -> int:
     from kd_tasks.shared.training import TrainConfig, Trainer
 
     from . import losses as _face_losses  # noqa: F401 (registers the face losses)
-    from .data import IdentityFolder, split_identities, verification_pairs
-    from .margins import MarginSoftmaxLoss, build_margin_head
+    from .data import IdentityFolder, ImageFolder, split_identities, verification_pairs
+    from .margins import MarginSoftmaxLoss, build_margin_head, init_head_from_teacher
     from .models import build_student, write_spec
-    from .teachers import load_teacher
-    from .verify import embed, evaluate_embeddings
+    from .space import TeacherSpace, class_centres
+    from .teachers import check_teacher, load_teacher
+    from .verify import embed, evaluate_embeddings, pair_scores, plot_roc
 
-    if args.margin == "none" and args.kd == "none":
+    head_method = args.kd in HEAD_METHODS
+    margin = "none" if head_method else args.margin
+    if margin == "none" and args.kd == "none":
         raise KDConfigError("--margin none with --kd none leaves nothing to train on; choose one")
+    if args.unlabelled:
+        if not args.val_data:
+            raise KDConfigError("--unlabelled needs --val-data (identity folders to verify on)")
+        if margin != "none" or args.kd in (*NEEDS_LABELS, "margin_rkd", "none"):
+            raise KDConfigError(f"--unlabelled trains from the teacher alone: use --margin none and a --kd without "
+                                f"labels (centred, whitened, cosine, l2, rkd, sp, pkt, cc), got --margin {args.margin} "
+                                f"--kd {args.kd}")
+    if args.freeze_head and args.head_init != "teacher":
+        raise KDConfigError("--freeze-head keeps the head where --head-init teacher puts it; add --head-init teacher")
+    if head_method and args.margin != "none":
+        print(f"--kd {args.kd} is a margin head itself: it replaces --margin {args.margin}")
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data folder {args.data!r} not found")
     if args.val_data and not Path(args.val_data).is_dir():
@@ -232,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     prepare_output_dir(output_dir, args.resume, args.overwrite, "--output-dir")
     try:
-        teacher = load_teacher(args.teacher, shape_predictor=args.shape_predictor)
+        teacher = load_teacher(args.teacher, shape_predictor=args.shape_predictor, scaling=args.teacher_scaling,
+                               channels=args.teacher_channels, layout=args.teacher_layout)
     except (KDError, OSError, ImportError):
         raise
     except Exception as e:  # noqa: BLE001 -- a file that is not a model (bad ONNX, not TorchScript...)
@@ -245,13 +312,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         train_ids, val_ids = split_identities(args.data, num_test=args.val_identities, seed=args.split_seed)
         val_root = args.data
-    train_view = IdentityFolder(args.data, args.image_size, train_ids)
-    train_set = IdentityFolder(args.data, args.image_size, train_ids, flip=True) if args.flip else train_view
-    val_set = IdentityFolder(val_root, args.image_size, val_ids)
-    # the teacher's view of the same samples (same order), e.g. larger images for a bigger teacher
+    view = {"fit": args.image_fit, "exclude": args.exclude or ()}
+    if args.unlabelled:
+        train_ids = None
+
+        def train_folder(size, flip=False):
+            return ImageFolder(args.data, size, flip=flip, fit=args.image_fit, exclude=args.exclude or ())
+    else:
+        def train_folder(size, flip=False):
+            return IdentityFolder(args.data, size, train_ids, flip=flip, **view)
+    train_view = train_folder(args.image_size)
+    train_set = train_folder(args.image_size, flip=True) if args.flip else train_view
+    val_set = IdentityFolder(val_root, args.image_size, val_ids, **view)
+    # the teacher's view of the same samples (same order, aspect kept), e.g. larger images for a bigger teacher
     teacher_size = args.teacher_input_size or args.image_size
-    teacher_train = IdentityFolder(args.data, teacher_size, train_ids)
-    teacher_val = IdentityFolder(val_root, teacher_size, val_ids)
+    teacher_train = train_folder(teacher_size)
+    teacher_val = IdentityFolder(val_root, teacher_size, val_ids, **view)
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "teacher_cache"
     key = {"teacher_id": teacher.fingerprint(), "rebuild": args.rebuild_cache, "batch_size": 32}
@@ -263,19 +339,42 @@ def run(args: argparse.Namespace) -> int:
 
     pairs = verification_pairs(val_set.labels, max_pairs=args.max_pairs, seed=args.split_seed)
     teacher_metrics = evaluate_embeddings(val_cache.arrays["output"], pairs)
+    print(f"teacher check: AUC {teacher_metrics['auc']:.4f} on {len(pairs)} validation pairs")
+    check_teacher(teacher_metrics, args.min_teacher_auc)
+    train_teacher = np.asarray(train_cache.arrays["output"], dtype=np.float32)
+    space_mode = args.teacher_space
 
     student_dim = args.embedding_dim or teacher_dim
+    if (head_method or args.head_init == "teacher") and student_dim != teacher_dim:
+        what = f"--kd {args.kd}" if head_method else "--head-init teacher"
+        raise KDConfigError(f"{what} puts the student's embeddings next to the teacher's class centres: "
+                            f"--embedding-dim must be the teacher's width {teacher_dim}, got {student_dim}")
     torch.manual_seed(args.seed)
     student = build_student(args.student, embedding_dim=student_dim, input_size=args.image_size)
     task_loss = None
-    if args.margin != "none":
+    if margin != "none":
         head_kwargs = {"scale": args.scale}
-        if args.margin_m is not None and args.margin != "softmax":
-            head_kwargs["margin"] = int(args.margin_m) if args.margin == "sphereface" else args.margin_m
-        head = build_margin_head(args.margin, student_dim, train_view.num_classes, **head_kwargs)
+        if args.margin_m is not None and margin != "softmax":
+            head_kwargs["margin"] = int(args.margin_m) if margin == "sphereface" else args.margin_m
+        head = build_margin_head(margin, student_dim, train_view.num_classes, **head_kwargs)
+        if args.head_init == "teacher":
+            space = TeacherSpace(space_mode or "centre").fit(train_teacher)
+            centres = class_centres(train_teacher, train_view.labels, train_view.num_classes, space)
+            init_head_from_teacher(head, centres, freeze=args.freeze_head)
+            print(f"margin head: the teacher's class centres ({space.mode} space)"
+                  f"{', frozen' if args.freeze_head else ''}")
         task_loss = MarginSoftmaxLoss(head)
-    terms = build_terms(args.kd, args.kd_weight, student_dim, teacher_dim)
+    elif args.head_init == "teacher":
+        raise KDConfigError("--head-init teacher needs a margin head (--margin arcface/cosface/...)")
+    terms = build_terms(args.kd, args.kd_weight, student_dim, teacher_dim, num_classes=train_view.num_classes,
+                        scale=args.scale, teacher_space=space_mode)
     distiller = Distiller(student, None, terms=terms, task_loss=task_loss, task_weight=args.margin_weight)
+    for term in distiller.terms:  # teacher-space statistics and teacher class centres from the training set
+        space = getattr(term.loss, "space", None)
+        if space is not None:
+            space.fit(train_teacher)
+        if hasattr(term.loss, "init_centres") and type(term.loss).__name__ == "MarginDistillationLoss":
+            term.loss.init_centres(class_centres(train_teacher, train_view.labels, train_view.num_classes, space))
 
     def eval_fn(model):
         return evaluate_embeddings(embed(model, val_set), pairs)
@@ -289,13 +388,30 @@ def run(args: argparse.Namespace) -> int:
     )
     identity = {
         "recipe": {k: getattr(args, k) for k in ("student", "embedding_dim", "margin", "margin_m", "scale",
-                                                 "margin_weight", "kd", "kd_weight", "image_size", "flip")},
+                                                 "margin_weight", "kd", "kd_weight", "image_size", "flip",
+                                                 "teacher_space", "head_init", "freeze_head", "image_fit", "exclude",
+                                                 "unlabelled")},
         "data": {"train": [str(p.relative_to(train_view.root)) for p, _ in train_view.samples],
                  "cache": train_cache.key.digest},
     }
     result = Trainer(distiller, train_set, config, eval_fn=eval_fn,
                      teacher_cache=train_cache if terms else None, identity=identity).fit()
     write_spec(student, result.export_dir)
+    export = {}
+    try:
+        from .export import export_student
+
+        export = export_student(student.cpu(), result.export_dir, args.image_size)
+    except Exception as e:  # noqa: BLE001 -- the safetensors student is written; say why ONNX/TorchScript were not
+        print(f"warning: ONNX/TorchScript export skipped ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+    student_scores = pair_scores(embed(student, val_set), pairs)
+    try:
+        roc = plot_roc({"teacher": (pair_scores(val_cache.arrays["output"], pairs), pairs[:, 2]),
+                        "student": (student_scores, pairs[:, 2])}, str(output_dir / "roc.png"),
+                       title=f"verification on {len(pairs)} pairs")
+    except ImportError as e:
+        roc = None
+        print(f"warning: {e}")
 
     report = {
         "teacher": teacher_metrics,
@@ -307,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
         "val_identities": val_set.num_classes,
         "val_images": len(val_set),
         "student_parameters": sum(p.numel() for p in student.parameters()),
+        "roc_png": roc,
+        "export": export,
         "args": {k: v for k, v in vars(args).items()},
     }
     if hasattr(teacher, "stats"):

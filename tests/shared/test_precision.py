@@ -107,6 +107,15 @@ CASES = {
     "embedding_cosine": ({}, embeddings), "embedding_l2": ({}, embeddings), "embedding_kd": ({}, embeddings),
     "angular_rkd": ({}, with_labels(embeddings)),
     "mse": ({}, maps), "l1": ({}, maps), "smooth_l1": ({}, maps), "cosine": ({}, maps),
+    "adadistill": ({"num_classes": 3, "embedding_dim": 16, "seed": 0}, with_labels(embeddings)),
+    "margin_distillation": ({"num_classes": 3, "embedding_dim": 16}, with_labels(embeddings)),
+    "ekd": ({"topk": 4}, with_labels(embeddings)),
+    "embedding_conditioned": ({}, embeddings),
+}
+# state a loss needs before its first call (fitted statistics, class centres), set from fixed float32 values
+PREPARE = {
+    "embedding_conditioned": lambda loss: loss.space.fit(rand(32, 16, seed=20)),
+    "margin_distillation": lambda loss: loss.init_centres(rand(3, 16, seed=21)),
 }
 # losses that need more than tensors (a bound teacher module), checked in their adapter's tests
 NEEDS_MODULES = {"crosskd"}
@@ -152,7 +161,10 @@ def to_device(value, device):
 def run_loss(name, kwargs, make, b, mode, device="cpu"):
     """(value, student gradient(s)) with inputs cast to the mode's dtype (or fp32 under autocast)."""
     torch.manual_seed(0)
-    loss = LOSSES.build(dict(kwargs, type=name)).to(device)
+    loss = LOSSES.build(dict(kwargs, type=name))
+    if name in PREPARE:
+        PREPARE[name](loss)
+    loss = loss.to(device)
     s, t, extra = to_device(make(b), device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "autocast": torch.float32}[mode]
