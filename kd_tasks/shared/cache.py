@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import sha256_file
 from .distiller import call_model, default_logits, freeze
 from .errors import KDConfigError
 from .taps import FeatureTaps
@@ -103,11 +104,7 @@ def teacher_fingerprint(model: nn.Module) -> str:
 
 def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes (for teachers whose weights live in a file, e.g. dlib models)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path, chunk)
 
 
 def _hash_value(h: "hashlib._Hash", value: Any) -> None:
