@@ -3,7 +3,9 @@
 ``transformers`` is imported only when one of these names is first used, so importing
 ``kd_tasks.nlp`` stays cheap:
 
-* :class:`DistillationTrainer`, :class:`KDArguments` (``kd_tasks.nlp.trainer``)
+* :class:`DistillationTrainer` (alias :class:`KDTrainer`; not trl's), :class:`KDArguments` (``kd_tasks.nlp.trainer``)
+* :class:`DistillationArguments` (``TrainingArguments`` + the distillation options, ``kd_tasks.nlp.arguments``)
+* :class:`WordReplacer` (TinyBERT augmentation, ``kd_tasks.nlp.augment``)
 * :func:`extract_student`, :func:`narrow_student`, :func:`load_model` (``kd_tasks.nlp.extract``)
 * :func:`build_layer_map` (``kd_tasks.nlp.layer_map``)
 * :func:`load_raw`, :func:`task_spec`, :func:`tokenize`, :func:`check_tokenizers`, :class:`KDCollator`
@@ -19,7 +21,10 @@ from typing import Any
 
 _EXPORTS = {
     "DistillationTrainer": "trainer",
+    "KDTrainer": "trainer",
     "KDArguments": "trainer",
+    "DistillationArguments": "arguments",
+    "WordReplacer": "augment",
     "extract_student": "extract",
     "narrow_student": "extract",
     "load_model": "extract",

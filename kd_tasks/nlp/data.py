@@ -54,7 +54,7 @@ DEFAULT_METRIC = {
     "regression": "pearson",
     "multilabel": "f1_micro",
     "token": "f1",
-    "qa": "span_f1",
+    "qa": "f1",  # SQuAD F1 on the answer text
 }
 
 
@@ -70,6 +70,7 @@ class TaskSpec:
     metric: str = "accuracy"
     glue_task: str | None = None
     labels_are_ids: bool = False  # the label column already holds ids 0..N-1 (GLUE's ClassLabel)
+    doc_stride: int | None = None  # qa: overlap of the context windows (default min(128, max_length // 4))
 
     @property
     def num_labels(self) -> int:
@@ -276,15 +277,36 @@ def _encode_tokens(batch, tokenizer, spec: TaskSpec, max_length: int) -> dict:
     return dict(enc)
 
 
-def _encode_qa(batch, tokenizer, spec: TaskSpec, max_length: int) -> dict:
-    """Start/end token of the first answer inside the (truncated) context; 0 ([CLS]) if cut off."""
+DOC_STRIDE = 128  # overlap (tokens) between consecutive windows of a long context, as Hugging Face's run_qa.py
+
+
+def _encode_qa(batch, tokenizer, spec: TaskSpec, max_length: int, doc_stride: int | None = None) -> dict:
+    """Sliding windows over the context (Hugging Face's ``run_qa.py``): a context longer than ``max_length``
+    gives several features overlapping by ``doc_stride`` tokens. Each feature's start/end token is the first
+    answer's, when the answer lies wholly inside its window, else 0 ([CLS]). ``qa_example`` names the example
+    and ``qa_offsets`` the character span of each context token (``[-1, -1]`` elsewhere), so that predicted
+    token spans are mapped back to text (:func:`kd_tasks.nlp.report.squad_scores`)."""
+    doc_stride = spec.doc_stride if doc_stride is None else doc_stride
+    stride = min(DOC_STRIDE, max(max_length // 4, 1)) if doc_stride is None else int(doc_stride)
+    if stride >= max_length // 2:
+        raise KDConfigError(f"--doc-stride {stride} must be below half of --max-length {max_length}",
+                            hint="the windows overlap by this many tokens; the question takes the rest")
+    longest = max(len(q) for q in tokenizer(list(batch[spec.text_column]), add_special_tokens=False)["input_ids"])
+    room = max_length - longest - tokenizer.num_special_tokens_to_add(pair=True)  # context tokens per window
+    if room < 1:
+        raise KDConfigError(f"a question of {longest} tokens leaves no room for the context in --max-length {max_length}",
+                            hint="raise --max-length")
+    stride = min(stride, room - 1)  # the tokenizer needs each window to move forward
     enc = tokenizer(
         batch[spec.text_column], batch[spec.text_pair_column], truncation="only_second",
-        max_length=max_length, return_offsets_mapping=True,
+        max_length=max_length, stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True,
     )
-    starts, ends = [], []
+    owner = enc.pop("overflow_to_sample_mapping")
+    starts, ends, kept_offsets = [], [], []
     for i, offsets in enumerate(enc.pop("offset_mapping")):
-        answers = batch[spec.label_column][i]
+        seq = enc.sequence_ids(i)
+        kept_offsets.append([list(o) if seq[j] == 1 else [-1, -1] for j, o in enumerate(offsets)])
+        answers = batch[spec.label_column][owner[i]]
         start_char = answers["answer_start"][0]
         end_char = start_char + len(answers["text"][0])
         context = [j for j, s in enumerate(enc.sequence_ids(i)) if s == 1]
@@ -295,7 +317,20 @@ def _encode_qa(batch, tokenizer, spec: TaskSpec, max_length: int) -> dict:
         starts.append(start)
         ends.append(end)
     enc["start_positions"], enc["end_positions"] = starts, ends
+    enc["qa_example"] = [int(batch["_qa_row"][k]) for k in owner] if "_qa_row" in batch else list(owner)
+    enc["qa_offsets"] = kept_offsets
     return dict(enc)
+
+
+QA_META = ("qa_example", "qa_offsets")
+
+
+def qa_reference(raw_split, features, spec: TaskSpec) -> dict:
+    """What SQuAD scoring needs besides the model's logits: each feature's example and token offsets, and each
+    example's context and gold answer texts."""
+    return {"example": list(features["qa_example"]), "offsets": list(features["qa_offsets"]),
+            "context": list(raw_split[spec.text_pair_column]),
+            "answers": [list(a["text"]) for a in raw_split[spec.label_column]]}
 
 
 ENCODERS = {
@@ -312,6 +347,8 @@ def tokenize(dataset, tokenizer, spec: TaskSpec, max_length: int = 128, with_ind
     encode = ENCODERS[spec.task_type]
     if spec.task_type in ("token", "qa") and not getattr(tokenizer, "is_fast", False):
         raise KDConfigError(f"the {spec.task_type!r} task needs a fast tokenizer (word ids / offsets)")
+    if spec.task_type == "qa":  # windows: one example can give several features; remember whose they are
+        dataset = dataset.add_column("_qa_row", list(range(len(dataset))))
     out = dataset.map(
         lambda batch: encode(batch, tokenizer, spec, max_length),
         batched=True,

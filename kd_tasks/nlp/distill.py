@@ -3,13 +3,18 @@
     python -m kd_tasks.nlp.distill --teacher ./bert-sst2 --task sst2 --student-layers 6 --output-dir out/
     kd-tasks nlp --config configs/nlp/sst2_distilbert.yaml --output-dir out/
 
-Steps: load the teacher (local directory or hub name) and the data (a GLUE task, or local files);
+Steps: load the teacher (local directory or hub name) and the data (a GLUE task, or local files; local
+files on the command line win over a recipe's GLUE ``task``); add transfer data (``--unlabeled-file``,
+``--augment-copies``: the teacher's soft labels only, no task loss; :mod:`.augment`);
 build the student (a given model, teacher layers copied, or a narrower shape from scratch); check
 that both tokenizers agree; score the teacher on the validation split (a teacher that failed to
 load shows here, before any training); train with :class:`DistillationTrainer`; save the student
 (config, weights, tokenizer) to ``--output-dir``; write ``kd_report.json`` / ``kd_report.md``:
 parameters, size on disk, CPU latency per batch, task metric and the share of the teacher's metric
-the student keeps.
+the student keeps, and the recipe; ``README.md`` (a model card). A recipe with ``stages`` runs each stage
+in ``<output-dir>/stage<N>-<name>/`` (resumable; a finished stage is reused). Every
+``transformers.TrainingArguments`` flag is accepted (:mod:`.arguments`). Under ``torchrun`` / ``accelerate
+launch`` only the main process prints, evaluates into the report and writes it.
 """
 
 from __future__ import annotations
@@ -32,13 +37,37 @@ EPILOG = """examples:
       --alpha-hidden 1 --alpha-attention 1 --output-dir out/
   # a recipe (keys are these option names); command-line options override it
   kd-tasks nlp --config configs/nlp/sst2_distilbert.yaml --teacher ./bert-sst2 --output-dir out/
+  # transfer data + two stages (intermediate layers, then logits), each resumable
+  kd-tasks nlp --config configs/nlp/transfer_two_stage.yaml --teacher ./my-teacher --train-file train.csv \
+      --validation-file dev.csv --unlabeled-file reviews.txt --output-dir out/
+  # any transformers.TrainingArguments flag, --snake_case or --kebab-case (torchrun / accelerate launch work)
+  kd-tasks nlp --teacher ./bert-sst2 --task sst2 --student-layers 6 --lr_scheduler_type cosine \
+      --per-device-train-batch-size 16 --output-dir out/
 """
 
 REQUIRED = ("teacher", "output_dir")
 
 
+class KDArgumentParser(ArgumentParser):
+    """kd-tasks' one-line usage errors on ``transformers.HfArgumentParser``'s option handling."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dataclass_types = []
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    """The command line: kd-tasks' options plus every ``TrainingArguments`` field (:mod:`.arguments`)."""
+    from .arguments import add_training_arguments
+
+    parser = kd_parser()
+    add_training_arguments(parser)
+    return parser
+
+
+def kd_parser() -> argparse.ArgumentParser:
+    """kd-tasks' own options (without the Trainer's)."""
+    p = KDArgumentParser(
         prog="kd-tasks nlp",
         description="Distil a fine-tuned BERT-family teacher into a smaller student (Hugging Face Trainer).",
         epilog=EPILOG,
@@ -67,13 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-pair-column", help="second text column (qa: the context)")
     g.add_argument("--label-column", help="label column (default: label; token: ner_tags; qa: answers)")
     g.add_argument("--max-length", type=int, default=128, help="tokens per example after truncation")
+    g.add_argument("--doc-stride", type=int, help="qa: overlap in tokens of the windows over a long context "
+                   "(default: min(128, max-length / 4))")
     g.add_argument("--max-train-samples", type=int, help="use at most this many training examples")
     g.add_argument("--max-eval-samples", type=int, help="use at most this many validation examples")
+    g.add_argument("--unlabeled-file", help="transfer text the teacher labels (soft labels only, no task loss): "
+                   ".txt (one text per line) or a csv/tsv/json/jsonl/parquet column")
+    g.add_argument("--unlabeled-column", help="text column of --unlabeled-file (default: sentence, else text)")
+    g.add_argument("--unlabeled-ratio", type=float,
+                   help="use at most this many unlabelled texts per labelled one (default: all of them)")
+    g.add_argument("--augment-copies", type=int, default=0,
+                   help="TinyBERT augmentation: N word-replaced copies of each labelled sentence (teacher labels only)")
+    g.add_argument("--augment-prob", type=float, default=0.4, help="probability of replacing each word")
+    g.add_argument("--augment-k", type=int, default=15, help="candidates per word (masked-LM top-k or neighbours)")
+    g.add_argument("--augment-mlm", help="a masked LM directory predicting the replacements (TinyBERT)")
+    g.add_argument("--augment-neighbours", help="a neighbour list 'word<TAB>n1 n2 ...' (thesaurus / word vectors); "
+                   "default without --augment-mlm: nearest whole words in the teacher's word embeddings")
 
     g = p.add_argument_group("distillation")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the logit KD term")
     g.add_argument("--alpha-task", type=float, default=0.5, help="weight of the task loss on the labels")
     g.add_argument("--alpha-kd", type=float, default=0.5, help="weight of the logit KD term")
+    g.add_argument("--kd-divergence", default="kl", choices=["kl", "reverse_kl", "jsd", "tv"],
+                   help="divergence of the logit KD term: forward KL (Hinton), reverse KL, JSD(beta), total variation")
+    g.add_argument("--jsd-beta", type=float, default=0.5, help="beta of --kd-divergence jsd (0.5: symmetric JSD)")
+    g.add_argument("--logit-standardization", action="store_true",
+                   help="Z-score student and teacher logits before the temperature (Sun et al., CVPR 2024)")
     g.add_argument("--hidden-loss", default="mse", choices=["mse", "cosine"], help="TinyBERT mse or DistilBERT cosine")
     g.add_argument("--alpha-hidden", type=float, default=0.0, help="weight of the hidden-state term")
     g.add_argument("--attention-loss", default="mse", choices=["mse", "kl"], help="TinyBERT mse or MiniLM kl")
@@ -81,11 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha-value-relation", type=float, default=0.0, help="weight of MiniLM's value relation")
     g.add_argument("--alpha-qkv-relation", type=float, default=0.0, help="weight of MiniLMv2's Q/K/V relations")
     g.add_argument("--relation-heads", type=int, help="MiniLMv2 relation heads (default: the teacher's heads)")
-    g.add_argument("--layer-map", default="uniform", help="uniform, last, last-k, '1:2,2:4' or '2,4,6'")
+    g.add_argument("--layer-map", default="auto",
+                   help="auto (a student cut from the teacher learns from the layers it was copied from, else "
+                        "uniform), extraction, uniform, last, last-k, '1:2,2:4' or '2,4,6'")
     g.add_argument("--teacher-inputs", default="shared", choices=["shared", "separate"],
                    help="separate: the teacher tokenises the text itself (different tokenizers; logit KD only)")
     g.add_argument("--cache-teacher-logits", help="directory caching the teacher's logits on disk (logit KD only)")
     g.add_argument("--rebuild-cache", action="store_true", help="rebuild the teacher-logits cache if stale")
+    g.add_argument("--stages", help="a recipe's list of stages (JSON on the command line), each a mapping of "
+                   "options for that stage, e.g. intermediate layers first, then logits; run in order, each resumable")
 
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", help="where the student, checkpoints and report go")
@@ -105,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logging-steps", type=int, default=50)
     g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: every epoch)")
     g.add_argument("--save-total-limit", type=int, default=2)
+    g.add_argument("--save-strategy", default=None, choices=["epoch", "steps", "no"],
+                   help="when to checkpoint (default: epoch, or steps with --save-steps; no: never, no --resume)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--disable-tqdm", action="store_true", help="no progress bar (the Trainer's, on by default)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue the run in --output-dir from its latest checkpoint (alone or 'latest'), "
                         "or from the given checkpoint directory")
@@ -141,11 +197,63 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if first.config:
         parser.set_defaults(**recipe_defaults(first.config, parser))
     args = parser.parse_args(argv)
+    if first.train_file and not first.task and args.task:  # local files on the command line win over a recipe's task
+        print(f"[kd-tasks nlp] --train-file given: the recipe's GLUE task {args.task!r} is not used", file=sys.stderr)
+        args.task = None
     missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if not getattr(args, n)]
     if missing:
         parser.error(f"missing {', '.join(missing)} (on the command line or in the --config recipe)")
+    args.stages = _read_stages(args.stages, first.config)
     check_options(args, parser, first.config)
+    for stage in args.stages or []:
+        try:
+            check_options(stage_args(args, stage), parser, f"{first.config or '--stages'}, stage {stage['name']!r}")
+        except KDConfigError as e:
+            raise KDConfigError(f"stage {stage['name']!r}: {e}") from None
     return args
+
+
+STAGE_KEYS = ("name", "epochs", "max_steps", "learning_rate", "warmup", "weight_decay", "batch_size", "temperature",
+              "alpha_task", "alpha_kd", "alpha_hidden", "alpha_attention", "alpha_value_relation",
+              "alpha_qkv_relation", "hidden_loss", "attention_loss", "layer_map", "relation_heads",
+              "cache_teacher_logits", "kd_divergence", "jsd_beta", "logit_standardization")
+
+
+def _read_stages(value, config: str | None) -> list[dict] | None:
+    """The ``stages`` list of a recipe (or JSON text): mappings of per-stage options, each named."""
+    if value is None or value == []:
+        return None
+    where = f" (in {config})" if config else ""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise KDConfigError(f"--stages{where} is not a JSON list of mappings: {value[:80]!r}") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise KDConfigError(f"--stages{where} must be a list of mappings (one per stage), got {value!r}")
+    stages = []
+    for i, raw in enumerate(value):
+        stage = {}
+        for key, v in raw.items():
+            dest = str(key).replace("-", "_")
+            if dest not in STAGE_KEYS:
+                raise KDConfigError(f"stage {i + 1}{where}: " + suggest(str(key), [k.replace("_", "-") for k in STAGE_KEYS],
+                                                                      "stage option"))
+            stage[dest] = v
+        stage["name"] = str(stage.get("name") or f"stage{i + 1}")
+        if not all(c.isalnum() or c in "-_" for c in stage["name"]):
+            raise KDConfigError(f"stage name {stage['name']!r}{where}: use letters, digits, '-' and '_'")
+        stages.append(stage)
+    if len({s["name"] for s in stages}) != len(stages):
+        raise KDConfigError(f"--stages{where}: stage names must differ")
+    return stages
+
+
+def stage_args(args: argparse.Namespace, stage: dict) -> argparse.Namespace:
+    """The options of one stage: the run's, overridden by the stage's keys."""
+    out = argparse.Namespace(**{**vars(args), **{k: v for k, v in stage.items() if k != "name"}})
+    out.stages = None
+    return out
 
 
 OPTION_RULES = {
@@ -157,6 +265,8 @@ OPTION_RULES = {
     "eval_batch_size": POS_INT, "gradient_accumulation_steps": POS_INT, "learning_rate": POSITIVE,
     "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "seed": NON_NEG_INT,
     "logging_steps": POS_INT, "save_steps": POS_INT, "save_total_limit": POS_INT, "latency_batch_size": POS_INT,
+    "unlabeled_ratio": POSITIVE, "augment_copies": NON_NEG_INT, "augment_prob": POSITIVE, "augment_k": POS_INT,
+    "threads": POS_INT, "jsd_beta": ("float", 0.0, 1.0, True), "doc_stride": POS_INT,
 }
 ALPHAS = ("alpha_task", "alpha_kd", "alpha_hidden", "alpha_attention", "alpha_value_relation", "alpha_qkv_relation")
 
@@ -174,7 +284,7 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser, con
                             hint="give at least one of them a positive value")
     choices = {a.dest: a.choices for a in parser._actions if a.choices}
     strings = [a.dest for a in parser._actions if a.type is None and a.nargs is None and a.const is None
-               and not isinstance(a.default, bool) and a.dest not in ("help",)]
+               and not isinstance(a.default, bool) and a.dest not in ("help", "stages")]
     where = f" (in {config})" if config else ""
     for dest, allowed in choices.items():
         if getattr(args, dest) is not None and getattr(args, dest) not in allowed:
@@ -188,11 +298,14 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser, con
         value = getattr(args, dest, None)
         if value is not None and not isinstance(value, str):
             raise KDConfigError(f"--{dest.replace('_', '-')}{where} must be text, got {value!r}")
-    for flag in ("fp16", "bf16", "cpu", "no_report", "rebuild_cache", "overwrite"):
+    for flag in ("fp16", "bf16", "cpu", "no_report", "rebuild_cache", "overwrite", "disable_tqdm",
+                 "logit_standardization"):
         if not isinstance(getattr(args, flag), bool):
             raise KDConfigError(f"--{flag.replace('_', '-')}{where} must be true or false, got {getattr(args, flag)!r}")
     if args.fp16 and args.bf16:
         raise KDConfigError("--fp16 and --bf16 both given", hint="choose one precision")
+    if args.augment_prob is not None and args.augment_prob > 1:
+        raise KDConfigError(f"--augment-prob{where} is a probability: give a number in (0, 1], got {args.augment_prob}")
     if args.resume and args.overwrite:
         raise KDConfigError("--resume and --overwrite both given",
                             hint="--resume continues the run in --output-dir, --overwrite replaces it: give one")
@@ -230,8 +343,10 @@ def prepare_output_dir(args: argparse.Namespace) -> str | bool | None:
     out = args.output_dir
     check_writable_dir(out, "--output-dir")
     checkpoints = _checkpoints(out)
+    stage_dirs = [d for d in _stage_dirs(args) if os.path.isdir(d)]
     used = [os.path.basename(c) for c in checkpoints[-2:]] + [f for f in ("config.json", "model.safetensors", *OWN_OUTPUTS)
                                                               if os.path.exists(os.path.join(out, f))]
+    used += [os.path.basename(d) for d in stage_dirs]
     if args.resume:
         if args.resume != "latest":
             if not os.path.isdir(args.resume):
@@ -247,7 +362,7 @@ def prepare_output_dir(args: argparse.Namespace) -> str | bool | None:
                                   hint="pass --resume to continue it, --overwrite to replace it, or choose another "
                                        "--output-dir")
     if args.overwrite:
-        for c in checkpoints:
+        for c in checkpoints + stage_dirs:
             shutil.rmtree(c)
         for f in OWN_OUTPUTS:
             if os.path.exists(os.path.join(out, f)):
@@ -303,8 +418,11 @@ def _load(flag: str, name: str, load):
 def _training_arguments(args: argparse.Namespace):
     from transformers import TrainingArguments
 
+    from .arguments import training_overrides
+
     per_epoch = args.save_steps is None
-    return TrainingArguments(
+    save = getattr(args, "save_strategy", None) or ("epoch" if per_epoch else "steps")
+    settings = dict(
         output_dir=args.output_dir,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
@@ -322,12 +440,15 @@ def _training_arguments(args: argparse.Namespace):
         logging_steps=args.logging_steps,
         eval_strategy="epoch" if per_epoch else "steps",
         eval_steps=None if per_epoch else args.save_steps,
-        save_strategy="epoch" if per_epoch else "steps",
+        save_strategy=save,
         save_steps=args.save_steps or 500,
         save_total_limit=args.save_total_limit,
         report_to=[] if args.report_to == "none" else [args.report_to],
-        disable_tqdm=True,
+        disable_tqdm=bool(getattr(args, "disable_tqdm", False)),
+        logging_first_step=True,
     )
+    settings.update(training_overrides(args))  # any other Trainer flag the user gave wins
+    return TrainingArguments(**settings)
 
 
 def _align_labels(spec, teacher) -> None:
@@ -345,14 +466,28 @@ def _check_head(spec, teacher) -> None:
         )
 
 
-def _set_problem(model, spec) -> None:
+def _named_labels(config) -> list[str] | None:
+    """The teacher's label names when they are real names (not transformers' ``LABEL_i`` defaults)."""
+    names = [str(config.id2label[i]) for i in range(len(config.id2label or {}))]
+    if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return names
+
+
+def _set_problem(model, spec, teacher=None) -> None:
+    """Problem type and label names; with integer labels in the data the teacher's names are kept."""
     problem = {"regression": "regression", "multilabel": "multi_label_classification",
                "classification": "single_label_classification"}.get(spec.task_type)
     if problem:
         model.config.problem_type = problem
     if spec.label_names:
-        model.config.id2label = dict(enumerate(spec.label_names))
-        model.config.label2id = {n: i for i, n in enumerate(spec.label_names)}
+        names = list(spec.label_names)
+        teacher_names = _named_labels(teacher.config) if teacher is not None else None
+        ids = names == [str(i) for i in range(len(names))]
+        if (spec.labels_are_ids or ids) and teacher_names and len(teacher_names) == len(names):
+            names = teacher_names
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
 
 
 def _subset(dataset, n: int | None, seed: int):
@@ -369,7 +504,7 @@ def _teacher_view(dataset):
     return view.rename_columns({c: c[len(TEACHER_PREFIX):] for c in cols})
 
 
-def _evaluate(model, dataset, collator, spec, args) -> dict[str, float]:
+def _evaluate(model, dataset, collator, spec, args, qa_ref=None) -> dict[str, float]:
     """Task metrics of any model on ``dataset`` through a plain Trainer (same device/precision rules)."""
     import tempfile
 
@@ -383,7 +518,7 @@ def _evaluate(model, dataset, collator, spec, args) -> dict[str, float]:
             disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=eval_args, data_collator=collator,
-                          compute_metrics=metrics_fn(spec.task_type, spec.label_names))
+                          compute_metrics=metrics_fn(spec.task_type, spec.label_names, qa_ref))
         return _metrics_only(trainer.evaluate(dataset))
 
 
@@ -411,15 +546,90 @@ def _quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _is_main_process() -> bool:
+    """True on the process that prints, evaluates the teacher and writes the report (rank 0, or alone)."""
+    try:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+    except Exception:  # noqa: BLE001 -- no accelerate state: a single process
+        return True
+
+
+def _say(message: str) -> None:
+    if _is_main_process():
+        print(f"[kd-tasks nlp] {message}", flush=True)
+
+
+def kept_teacher_layers(args: argparse.Namespace, teacher_layers: int) -> list[int] | None:
+    """The 0-based teacher layers the student was cut from (``--student-layers`` / ``--student-layer-ids``)."""
+    from .layer_map import evenly_spaced_layers
+
+    if args.student_layers:
+        return evenly_spaced_layers(int(args.student_layers), teacher_layers)
+    if args.student_layer_ids:
+        ids = args.student_layer_ids
+        return [int(x) for x in ids.split(",")] if isinstance(ids, str) else [int(x) for x in ids]
+    return None
+
+
+def resolve_layer_map(spec, kept: list[int] | None, student_layers: int, teacher_layers: int):
+    """``auto``: the extraction map for a student cut from the teacher, else ``uniform``; other specs as given."""
+    from .layer_map import build_layer_map, extraction_map
+
+    name = spec.strip().lower() if isinstance(spec, str) else None
+    if name in ("auto", "extraction"):
+        if kept is not None:
+            return extraction_map(kept, teacher_layers)
+        if name == "extraction":
+            raise KDConfigError("--layer-map extraction needs a student cut from the teacher (--student-layers or "
+                                "--student-layer-ids)", hint="use --layer-map uniform or an explicit map")
+        return build_layer_map("uniform", student_layers, teacher_layers)
+    return build_layer_map(spec, student_layers, teacher_layers)
+
+
+def _mixed_train_set(tokenized, texts: list[str], tokenizer, spec, max_length: int):
+    """The labelled set followed by the transfer texts (label -100, or nan for regression: teacher only)."""
+    import datasets
+
+    from .data import INDEX_COLUMN, tokenize
+
+    if spec.task_type not in ("classification", "regression"):
+        raise KDConfigError(f"transfer data (--unlabeled-file, --augment-copies) is for sequence classification and "
+                            f"regression; the task is {spec.task_type!r}")
+    if spec.text_pair_column:
+        raise KDConfigError("transfer data holds single texts; the task reads text pairs "
+                            f"({spec.text_column!r}, {spec.text_pair_column!r})")
+    extra = tokenize(datasets.Dataset.from_dict({spec.text_column: texts}), tokenizer, spec, max_length,
+                     with_index=False)
+    fill = float("nan") if spec.task_type == "regression" else -100
+    extra = extra.add_column("labels", [fill] * len(extra))
+    base = tokenized.remove_columns([INDEX_COLUMN])
+    extra = extra.cast(base.features)
+    mixed = datasets.concatenate_datasets([base, extra])
+    return mixed.add_column(INDEX_COLUMN, list(range(len(mixed))))
+
+
+STAGE_DONE = "kd_stage_done.json"
+
+
+def _stage_dirs(args: argparse.Namespace) -> list[str]:
+    return [os.path.join(args.output_dir, f"stage{i + 1}-{st['name']}") for i, st in enumerate(args.stages or [])]
+
+
 def run(args: argparse.Namespace) -> dict:
     """Everything after argument parsing; returns the report (or ``{}`` with ``--no-report``)."""
+    import torch
     from transformers import set_seed
 
-    from .data import KDCollator, add_teacher_inputs, check_tokenizers, load_raw, task_spec, tokenize
+    from .augment import transfer_texts
+    from .data import QA_META, KDCollator, add_teacher_inputs, check_tokenizers, load_raw, qa_reference, task_spec, tokenize
     from .extract import load_model, load_tokenizer, resolve_model_source, student_from_spec
-    from .report import build_report, format_report, metrics_fn, model_stats
+    from .report import build_report, format_report, metrics_fn, model_stats, write_model_card
     from .trainer import DistillationTrainer, KDArguments, teacher_logits_from_cache
 
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
     set_seed(args.seed)
     _quiet_progress_bars()
     resume = prepare_output_dir(args)
@@ -432,54 +642,104 @@ def run(args: argparse.Namespace) -> dict:
     teacher = _load("--teacher", args.teacher, lambda: load_model(args.teacher, spec.task_type, "teacher"))
     _check_head(spec, teacher)
     _align_labels(spec, teacher)
-    _set_problem(teacher, spec)
+    _set_problem(teacher, spec, teacher)
 
     student = _load("--student", args.student or "(built from the teacher)",
                     lambda: student_from_spec(teacher, vars(args), spec.task_type, len(teacher_tok)))
-    _set_problem(student, spec)
+    _set_problem(student, spec, teacher)
     student_tok = (load_tokenizer(args.student, "student", required=False) if args.student else None) or teacher_tok
     separate = args.teacher_inputs == "separate"
     differences = check_tokenizers(teacher_tok, student_tok, separate_teacher_inputs=separate)
+    t_layers, s_layers = int(teacher.config.num_hidden_layers), int(student.config.num_hidden_layers)
+    kept = kept_teacher_layers(args, t_layers)
+    if kept is not None:
+        _say(f"student: teacher layers {kept} kept (0-based), weights copied")
 
+    spec.doc_stride = args.doc_stride
     datasets = {}
+    qa_ref = None
     for split in ("train", "validation"):
         datasets[split] = tokenize(raw[split], student_tok, spec, args.max_length)
+        if spec.task_type == "qa":
+            if split == "validation":
+                qa_ref = qa_reference(raw[split], datasets[split], spec)
+            datasets[split] = datasets[split].remove_columns(list(QA_META))
         if separate:
             datasets[split] = add_teacher_inputs(datasets[split], raw[split], teacher_tok, spec, args.max_length)
+    transfer = None
+    if args.unlabeled_file or args.augment_copies:
+        if separate:
+            raise KDConfigError("transfer data needs one tokenizer for both models (not --teacher-inputs separate)")
+        texts, transfer = transfer_texts(args, teacher, teacher_tok, list(raw["train"][spec.text_column]),
+                                         log=lambda m: _say(m[len("[kd-tasks nlp] "):]))
+        datasets["train"] = _mixed_train_set(datasets["train"], texts, student_tok, spec, args.max_length)
     collator = KDCollator(student_tok, spec.task_type, teacher_tok if separate else None)
     teacher_eval = _teacher_view(datasets["validation"]) if separate else datasets["validation"]
     teacher_collator = KDCollator(teacher_tok, spec.task_type)
 
-    teacher_metrics = _evaluate(teacher, teacher_eval, teacher_collator, spec, args)
-    print(f"[kd-tasks nlp] teacher on validation: {json.dumps(teacher_metrics)}", flush=True)
+    teacher_metrics = _evaluate(teacher, teacher_eval, teacher_collator, spec, args, qa_ref)
+    _say(f"teacher on validation: {json.dumps(teacher_metrics)}")
 
-    kd_args = KDArguments(
-        task_type=spec.task_type, temperature=args.temperature, alpha_task=args.alpha_task, alpha_kd=args.alpha_kd,
-        hidden_loss=args.hidden_loss, alpha_hidden=args.alpha_hidden, attention_loss=args.attention_loss,
-        alpha_attention=args.alpha_attention, alpha_value_relation=args.alpha_value_relation,
-        alpha_qkv_relation=args.alpha_qkv_relation, relation_heads=args.relation_heads, layer_map=args.layer_map,
-        teacher_inputs=args.teacher_inputs,
-    )
-    logits_fn = None
-    if args.cache_teacher_logits:
+    stages = args.stages or [None]
+    stage_dirs = _stage_dirs(args) or [args.output_dir]
+    recipe_stages = []
+    trainer = None
+    for i, stage in enumerate(stages):
+        sargs = stage_args(args, stage) if stage else args
+        sdir = stage_dirs[i]
+        pairs = None
+        kd_args = _kd_arguments(sargs, spec)
         if kd_args.intermediate:
+            pairs = resolve_layer_map(sargs.layer_map, kept, s_layers, t_layers)
+            kd_args.layer_map = [list(p) for p in pairs]
+        recipe_stages.append({"name": stage["name"] if stage else "distill", "output_dir": sdir,
+                              **_stage_recipe(sargs, pairs)})
+        if stage and os.path.isfile(os.path.join(sdir, STAGE_DONE)):
+            _say(f"stage {i + 1}/{len(stages)} {stage['name']!r} already done in {sdir}; its student is reused")
+            student = _load("stage student", sdir, lambda: load_model(sdir, spec.task_type, "student"))
+            continue
+        if stage:
+            _say(f"stage {i + 1}/{len(stages)} {stage['name']!r}: " + json.dumps(_stage_recipe(sargs, pairs)))
+        elif pairs:
+            _say(f"layer map (student:teacher hidden states, 0 = embeddings): "
+                 + ", ".join(f"{a}:{b}" for a, b in pairs))
+        stage_resume = resume
+        if stage:
+            os.makedirs(sdir, exist_ok=True)
+            stage_resume = (True if _checkpoints(sdir) else None) if args.resume else None
+        use_cache = sargs.cache_teacher_logits and not (stage and kd_args.intermediate)
+        if use_cache and kd_args.intermediate:
             raise KDConfigError("--cache-teacher-logits stores logits only; intermediate terms need a live teacher")
-        logits_fn = teacher_logits_from_cache(
-            args.cache_teacher_logits, teacher, datasets["train"], collator, args.eval_batch_size,
-            device=None, rebuild=args.rebuild_cache,
+        logits_fn = None
+        if use_cache and kd_args.alpha_kd > 0:
+            logits_fn = teacher_logits_from_cache(
+                sargs.cache_teacher_logits, teacher, datasets["train"], collator, args.eval_batch_size,
+                device=None, rebuild=args.rebuild_cache,
+            )
+        sargs_dir = argparse.Namespace(**{**vars(sargs), "output_dir": sdir})
+        trainer = DistillationTrainer(
+            model=student, teacher=teacher, kd_args=kd_args, args=_training_arguments(sargs_dir),
+            train_dataset=datasets["train"], eval_dataset=datasets["validation"], processing_class=student_tok,
+            data_collator=collator, compute_metrics=metrics_fn(spec.task_type, spec.label_names, qa_ref),
+            teacher_logits_fn=logits_fn,
         )
-    trainer = DistillationTrainer(
-        model=student, teacher=teacher, kd_args=kd_args, args=_training_arguments(args),
-        train_dataset=datasets["train"], eval_dataset=datasets["validation"], processing_class=student_tok,
-        data_collator=collator, compute_metrics=metrics_fn(spec.task_type, spec.label_names),
-        teacher_logits_fn=logits_fn,
-    )
-    check_run_identity(args, resume, teacher, student, datasets["train"])
-    trainer.train(resume_from_checkpoint=resume)
+        check_run_identity(sargs_dir, stage_resume, teacher, student, datasets["train"])
+        trainer.train(resume_from_checkpoint=stage_resume)
+        student = trainer.model
+        if stage:
+            trainer.save_model(sdir)
+            if trainer.args.should_save:
+                with open(os.path.join(sdir, STAGE_DONE), "w") as f:
+                    json.dump({"stage": stage["name"], "global_step": trainer.state.global_step}, f)
+    if trainer is None:  # every stage was already done: evaluate the last stage's student
+        trainer = DistillationTrainer(model=student, teacher=None, kd_args=KDArguments(task_type=spec.task_type,
+                                      alpha_kd=0.0, alpha_task=1.0), args=_training_arguments(args),
+                                      eval_dataset=datasets["validation"], processing_class=student_tok,
+                                      data_collator=collator, compute_metrics=metrics_fn(spec.task_type, spec.label_names, qa_ref))
     trainer.save_model(args.output_dir)
     student_metrics = _metrics_only(trainer.evaluate())
-    print(f"[kd-tasks nlp] student on validation: {json.dumps(student_metrics)}", flush=True)
-    if args.no_report:
+    _say(f"student on validation: {json.dumps(student_metrics)}")
+    if args.no_report or not _is_main_process():
         return {}
 
     report = build_report(
@@ -491,13 +751,75 @@ def run(args: argparse.Namespace) -> dict:
     report["task"] = spec.glue_task or spec.task_type
     report["tokenizer_differences"] = differences
     report["student_saved_to"] = os.path.abspath(args.output_dir)
+    report["recipe"] = {
+        "teacher": args.teacher, "student_source": _student_source(args), "kept_teacher_layers": kept,
+        "seed": args.seed, "config": args.config, "transfer_data": transfer, "stages": recipe_stages,
+        "max_length": args.max_length, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+    }
     with open(os.path.join(args.output_dir, "kd_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     table = format_report(report)
     with open(os.path.join(args.output_dir, "kd_report.md"), "w") as f:
         f.write(table + "\n")
+    write_model_card(args.output_dir, report)
     print(table, flush=True)
     return report
+
+
+def _student_source(args: argparse.Namespace) -> str:
+    if args.student:
+        return f"pretrained model {args.student}"
+    if args.student_layers or args.student_layer_ids:
+        return "teacher layers copied (DistilBERT-style extraction)"
+    return f"shape {args.student_shape} from scratch"
+
+
+def _kd_arguments(sargs: argparse.Namespace, spec):
+    from .trainer import KDArguments  # noqa: F811
+
+    return KDArguments(
+        task_type=spec.task_type, temperature=sargs.temperature, alpha_task=sargs.alpha_task, alpha_kd=sargs.alpha_kd,
+        hidden_loss=sargs.hidden_loss, alpha_hidden=sargs.alpha_hidden, attention_loss=sargs.attention_loss,
+        alpha_attention=sargs.alpha_attention, alpha_value_relation=sargs.alpha_value_relation,
+        alpha_qkv_relation=sargs.alpha_qkv_relation, relation_heads=sargs.relation_heads, layer_map=sargs.layer_map,
+        teacher_inputs=sargs.teacher_inputs, kd_divergence=sargs.kd_divergence, jsd_beta=sargs.jsd_beta,
+        logit_standardization=sargs.logit_standardization,
+    )
+
+
+def _stage_recipe(sargs: argparse.Namespace, pairs) -> dict:
+    keys = ("epochs", "max_steps", "learning_rate", "temperature", "alpha_task", "alpha_kd", "alpha_hidden",
+            "hidden_loss", "alpha_attention", "attention_loss", "alpha_value_relation", "alpha_qkv_relation")
+    out = {k: getattr(sargs, k) for k in keys}
+    out["layer_map"] = [list(p) for p in pairs] if pairs else None
+    out["cached_teacher_logits"] = bool(sargs.cache_teacher_logits) and not pairs
+    return out
+
+
+def run_arguments(dargs) -> dict:
+    """Run from a :class:`~kd_tasks.nlp.arguments.DistillationArguments` (a ``TrainingArguments`` subclass)."""
+    from .arguments import ALIASES, training_fields
+
+    parser = build_parser()
+    args = parser.parse_args([])
+    for key in vars(args):
+        if hasattr(dargs, key):
+            setattr(args, key, getattr(dargs, key))
+    for ours, theirs in ALIASES.items():
+        setattr(args, ours, getattr(dargs, theirs))
+    if getattr(dargs, "resume_from_checkpoint", None) and not args.resume:
+        args.resume = dargs.resume_from_checkpoint
+    if getattr(args, "report_to", None) in ([], None):
+        args.report_to = "none"
+    elif isinstance(args.report_to, list):
+        args.report_to = args.report_to[0]
+    assert training_fields
+    missing = [f"{n}" for n in REQUIRED if not getattr(args, n)]
+    if missing:
+        raise KDConfigError(f"DistillationArguments: missing {', '.join(missing)}")
+    args.stages = _read_stages(args.stages, None)
+    check_options(args, parser)
+    return run(args)
 
 
 def _main(argv: list[str]) -> int:

@@ -5,6 +5,8 @@ Layers are numbered as Hugging Face numbers ``hidden_states``: ``0`` is the embe
 
 Specs (a string on the command line, or a list in a recipe):
 
+* ``"auto"`` (the command line's default): ``extraction`` for a student cut from the teacher, else
+  ``uniform``; ``"extraction"``: :func:`extraction_map` (resolved by the caller, who knows the kept layers).
 * ``"uniform"``: TinyBERT's ``g(m) = m · N / M`` (Jiao et al. 2020): student layer ``m`` learns
   from teacher layer ``m·N/M`` (rounded), for ``m = 1..M``, plus embeddings ``0 -> 0``.
 * ``"last"`` / ``"last-k"``: the student's last ``k`` layers learn from the teacher's last ``k``
@@ -86,6 +88,16 @@ def build_layer_map(spec: LayerMapSpec, student_layers: int, teacher_layers: int
         if (s == 0) != (t == 0):
             raise KDConfigError(f"layer map pair {s}:{t} pairs embeddings (layer 0) with a transformer layer")
     return tuple(pairs)
+
+
+def extraction_map(kept: Sequence[int], teacher_layers: int) -> LayerPairs:
+    """The map of a student cut from the teacher: embeddings ``0 -> 0``, and student layer ``m`` (the copy
+    of 0-based teacher layer ``kept[m-1]``) learns from teacher hidden state ``kept[m-1] + 1``, the output
+    of the layer it was copied from. For 3 of 6 layers (0, 3, 5): ``0:0, 1:1, 2:4, 3:6``."""
+    for k in kept:
+        if not 0 <= int(k) < teacher_layers:
+            raise KDConfigError(f"kept teacher layer {k} is out of range 0..{teacher_layers - 1}")
+    return ((0, 0),) + tuple((m, int(k) + 1) for m, k in enumerate(kept, start=1))
 
 
 def transformer_pairs(pairs: LayerPairs) -> LayerPairs:

@@ -2,9 +2,11 @@
 
 Metrics follow GLUE's definitions (Wang et al. 2019): accuracy; F1 of the positive class for
 binary tasks (MRPC, QQP); Matthews correlation (CoLA); Pearson and Spearman correlations (STS-B).
-They are computed with scikit-learn and scipy. Token classification is scored per labelled token
-(accuracy, and micro F1 over the tags other than ``O``); extractive QA by the predicted start/end
-token span (exact match and token-overlap F1 against the gold span).
+They are computed with scikit-learn and scipy. Token classification is scored by entity-level F1
+(:func:`entity_scores`, conlleval's / seqeval's default chunking; the headline ``f1``), token accuracy and
+the token-level micro F1 over the non-``O`` tags (``token_f1``); extractive QA by SQuAD v1.1 exact match and
+F1 on the answer text (the best span over every sliding window of the context; :func:`squad_scores`), and by
+the predicted start/end token span of each window (``span_exact``, ``span_f1``).
 """
 
 from __future__ import annotations
@@ -58,16 +60,62 @@ def _multilabel(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def entities(tags: list[str]) -> set[tuple[str, int, int]]:
+    """``(type, start, end)`` chunks of one tag sequence, as CoNLL's conlleval and seqeval's default mode read
+    them: ``B-X`` starts a chunk, ``I-X`` continues a chunk of type X (or starts one after ``O`` or another
+    type), ``E-X``/``S-X`` (IOBES) end one; ``O`` is outside. A tag without a prefix (``PER``, the IO scheme)
+    is read as ``I-PER``."""
+    found, start, kind = set(), None, None
+
+    def close(end):
+        if start is not None:
+            found.add((kind, start, end))
+
+    for i, tag in enumerate(list(tags) + ["O"]):
+        if tag == "O" or tag is None:
+            close(i - 1)
+            start, kind = None, None
+            continue
+        prefix, _, name = tag.partition("-") if tag[:2] in ("B-", "I-", "E-", "S-") else ("I", "", tag)
+        if prefix in ("B", "S") or kind != name or start is None:
+            close(i - 1)
+            start, kind = i, name
+        if prefix in ("E", "S"):
+            close(i)
+            start, kind = None, None
+    return found
+
+
+def entity_scores(true: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
+    """Entity-level micro precision, recall and F1 (an entity counts when its type and both ends match)."""
+    gold = {(n,) + e for n, seq in enumerate(true) for e in entities(seq)}
+    guess = {(n,) + e for n, seq in enumerate(pred) for e in entities(seq)}
+    hit = len(gold & guess)
+    precision = hit / len(guess) if guess else 0.0
+    recall = hit / len(gold) if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
 def _token(logits: np.ndarray, labels: np.ndarray, label_names: list[str] | None) -> dict[str, float]:
+    """Entity-level F1 on the labelled (first sub-word) tokens, as Hugging Face's NER example scores with
+    seqeval; plus token accuracy and the micro token F1 over the non-``O`` tags."""
     from sklearn.metrics import f1_score
 
     pred = logits.argmax(-1)
     keep = labels != -100
     y, p = labels[keep], pred[keep]
     tags = [i for i, name in enumerate(label_names or []) if name != "O"] or sorted(set(y.tolist()))
+    names = label_names or [str(i) for i in range(logits.shape[-1])]
+    true_seqs = [[names[t] for t in row[k]] for row, k in zip(labels, keep)]
+    pred_seqs = [[names[t] for t in row[k]] for row, k in zip(pred, keep)]
+    ent = entity_scores(true_seqs, pred_seqs)
     return {
         "accuracy": float((y == p).mean()) if len(y) else 0.0,
-        "f1": float(f1_score(y, p, labels=tags, average="micro", zero_division=0)),
+        "f1": float(ent["f1"]),
+        "precision": float(ent["precision"]),
+        "recall": float(ent["recall"]),
+        "token_f1": float(f1_score(y, p, labels=tags, average="micro", zero_division=0)),
     }
 
 
@@ -86,12 +134,64 @@ def _qa(start_logits: np.ndarray, end_logits: np.ndarray, starts: np.ndarray, en
     return {"span_exact": float(np.mean(exact)), "span_f1": float(np.mean(f1))}
 
 
-def task_metrics(task_type: str, predictions: Any, labels: Any, label_names: list[str] | None = None) -> dict[str, float]:
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1's official normalisation: lower case, no punctuation, no articles, single spaces."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_f1(prediction: str, truth: str) -> float:
+    from collections import Counter
+
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_predictions(start_logits: np.ndarray, end_logits: np.ndarray, reference: Mapping[str, Any],
+                   n_best: int = 20, max_answer_tokens: int = 30) -> list[str]:
+    """The best text span of each example over all its windows (``run_qa.py``'s post-processing): the highest
+    ``start + end`` logit with both tokens in the context, start <= end and at most ``max_answer_tokens``."""
+    best: dict[int, tuple[float, str]] = {}
+    for f, (s_log, e_log) in enumerate(zip(start_logits, end_logits)):
+        ex, offsets = reference["example"][f], reference["offsets"][f]
+        context = reference["context"][ex]
+        n = min(len(offsets), len(s_log))
+        for s in np.argsort(s_log[:n])[::-1][:n_best]:
+            for e in np.argsort(e_log[:n])[::-1][:n_best]:
+                if offsets[s][0] < 0 or offsets[e][0] < 0 or e < s or e - s + 1 > max_answer_tokens:
+                    continue
+                score = float(s_log[s] + e_log[e])
+                if ex not in best or score > best[ex][0]:
+                    best[ex] = (score, context[offsets[s][0]:offsets[e][1]])
+    return [best.get(i, (0.0, ""))[1] for i in range(len(reference["context"]))]
+
+
+def squad_scores(predictions: list[str], answers: list[list[str]]) -> dict[str, float]:
+    """SQuAD v1.1 exact match and F1 (percent), each the best over the gold answers, averaged over examples."""
+    em = [max(float(normalize_answer(p) == normalize_answer(g)) for g in gold) for p, gold in zip(predictions, answers)]
+    f1 = [max(squad_f1(p, g) for g in gold) for p, gold in zip(predictions, answers)]
+    return {"exact_match": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}
+
+
+def task_metrics(task_type: str, predictions: Any, labels: Any, label_names: list[str] | None = None,
+                 qa_reference: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Metrics of one task from the Trainer's predictions and label ids (numpy arrays or tuples of them)."""
     if task_type == "qa":
         start_logits, end_logits = predictions
         starts, ends = labels
-        return _qa(np.asarray(start_logits), np.asarray(end_logits), np.asarray(starts), np.asarray(ends))
+        out = _qa(np.asarray(start_logits), np.asarray(end_logits), np.asarray(starts), np.asarray(ends))
+        if qa_reference is not None:
+            texts = qa_predictions(np.asarray(start_logits), np.asarray(end_logits), qa_reference)
+            out.update(squad_scores(texts, qa_reference["answers"]))
+        return out
     predictions = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)
     labels = np.asarray(labels)
     if task_type == "classification":
@@ -105,11 +205,13 @@ def task_metrics(task_type: str, predictions: Any, labels: Any, label_names: lis
     raise ValueError(f"unknown task type {task_type!r}")
 
 
-def metrics_fn(task_type: str, label_names: list[str] | None = None) -> Callable[[Any], dict[str, float]]:
-    """A ``compute_metrics`` for ``transformers.Trainer``."""
+def metrics_fn(task_type: str, label_names: list[str] | None = None,
+               qa_reference: Mapping[str, Any] | None = None) -> Callable[[Any], dict[str, float]]:
+    """A ``compute_metrics`` for ``transformers.Trainer`` (QA: with ``qa_reference``, SQuAD EM/F1 on text)."""
 
     def compute(eval_prediction) -> dict[str, float]:
-        return task_metrics(task_type, eval_prediction.predictions, eval_prediction.label_ids, label_names)
+        return task_metrics(task_type, eval_prediction.predictions, eval_prediction.label_ids, label_names,
+                            qa_reference)
 
     return compute
 
@@ -196,3 +298,36 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines = ["| | teacher | student | student / teacher |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
+
+
+def write_model_card(directory: str, report: Mapping[str, Any]) -> str:
+    """``README.md`` in the student directory: teacher, data, recipe, metric, size and latency."""
+    recipe = report.get("recipe", {})
+    t, s, m = report["teacher"], report["student"], report["main_metric"]
+    transfer = recipe.get("transfer_data") or {}
+    stages = recipe.get("stages") or []
+    lines = [
+        "---", "library_name: transformers", "tags: [knowledge-distillation, kd-tasks]", "---", "",
+        "# Distilled student", "",
+        f"Distilled with kd-tasks from the teacher `{recipe.get('teacher')}` on the task `{report.get('task')}`.",
+        f"Student: {recipe.get('student_source')}"
+        + (f" (teacher layers {recipe.get('kept_teacher_layers')})" if recipe.get("kept_teacher_layers") else "") + ".",
+        "",
+        "Load it with `AutoModelForSequenceClassification.from_pretrained(this_directory)` (or the Auto class of its "
+        "head) and the tokenizer saved beside it.", "",
+        "## Recipe", "",
+    ]
+    for st in stages:
+        lines.append(f"- stage `{st['name']}`: " + ", ".join(f"{k}={v}" for k, v in st.items()
+                                                              if k not in ("name", "output_dir") and v not in (None, 0, 0.0)))
+    if transfer:
+        lines.append(f"- transfer data: {transfer.get('unlabeled')} unlabelled and {transfer.get('augmented')} augmented "
+                     f"texts for {transfer.get('labelled')} labelled ones (teacher's soft labels only)")
+    lines.append(f"- seed {recipe.get('seed')}, max length {recipe.get('max_length')}, batch {recipe.get('batch_size')}")
+    lines += ["", "## Evaluation (validation split)", "", format_report(report), "",
+              f"Main metric: `{m}`; {report.get('metric_retained_percent')} % of the teacher's.",
+              f"Parameters {s['parameters']:,} (teacher {t['parameters']:,}).", ""]
+    path = os.path.join(directory, "README.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path

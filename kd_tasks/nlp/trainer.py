@@ -71,6 +71,9 @@ class KDArguments:
     relation_heads: int | None = None  # MiniLMv2 relation heads (default: the teacher's head count)
     layer_map: LayerMapSpec = "uniform"
     teacher_inputs: str = "shared"  # "separate": the teacher reads its own teacher_* columns
+    kd_divergence: str = "kl"  # kl (forward), reverse_kl, jsd, tv: see kd_tasks.shared.losses.logit.soft_divergence
+    jsd_beta: float = 0.5
+    logit_standardization: bool = False  # Sun et al. (CVPR 2024): Z-score the logits before the temperature
 
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:
@@ -112,6 +115,10 @@ class ZeroGradCallback(TrainerCallback):
 class DistillationTrainer(Trainer):
     """A ``Trainer`` for a student, with a frozen ``teacher`` and :class:`KDArguments` terms.
 
+    Not ``trl.DistillationTrainer`` (on-policy generative distillation of causal LMs on sampled
+    sequences): this one distils encoder models offline on a fixed dataset; ``KDTrainer`` is an alias
+    whose name cannot be confused with trl's.
+
     ``teacher_logits_fn``: optional ``fn(indices: LongTensor) -> Tensor`` giving the teacher's logits
     for the examples ``indices`` (the ``kd_index`` column), e.g. :func:`teacher_logits_from_cache`.
     It replaces the teacher's forward when logit KD is the only distillation term (intermediate
@@ -152,7 +159,14 @@ class DistillationTrainer(Trainer):
     def _setup_terms(self) -> None:
         kd, student, teacher = self.kd_args, self.model, self.teacher
         logit_loss = {"regression": LogitMSELoss, "multilabel": SigmoidKDLoss}.get(kd.task_type, KDLoss)
-        self.logit_loss = LogitMSELoss() if logit_loss is LogitMSELoss else logit_loss(temperature=kd.temperature)
+        if logit_loss is KDLoss:
+            self.logit_loss = KDLoss(temperature=kd.temperature, divergence=kd.kd_divergence, beta=kd.jsd_beta,
+                                     standardize=kd.logit_standardization)
+        elif kd.kd_divergence != "kl" or kd.logit_standardization:
+            raise KDConfigError(f"--kd-divergence / --logit-standardization apply to softmax heads; the {kd.task_type} "
+                                "head distils with " + ("MSE" if logit_loss is LogitMSELoss else "sigmoid KD"))
+        else:
+            self.logit_loss = LogitMSELoss() if logit_loss is LogitMSELoss else logit_loss(temperature=kd.temperature)
         self.connectors = nn.ModuleDict()
         self.pairs = ()
         if kd.teacher_inputs == "separate" and (kd.intermediate or kd.task_type not in SEQUENCE_TASKS):
@@ -279,6 +293,13 @@ class DistillationTrainer(Trainer):
 
         kd = self.kd_args
         counts = self._unit_counts(inputs)
+        labels = inputs.get("labels")
+        manual_task = None
+        if kd.task_type in ("classification", "regression") and labels is not None and bool(self._unlabelled(labels).any()):
+            # transfer rows (label -100, or nan for regression) learn from the teacher alone: the task loss is
+            # the mean over the labelled rows only (the model's own loss would be nan on an all-transfer batch)
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            manual_task = labels
         totals = self._accum_counts if (num_items_in_batch is not None and self._accum_counts) else counts
         live_teacher = kd.intermediate or (kd.alpha_kd > 0 and self.teacher_logits_fn is None)
         student_out, s_taps = self._forward(model, inputs, student=True)
@@ -288,8 +309,11 @@ class DistillationTrainer(Trainer):
                 teacher_out, t_taps = self._forward(self.teacher, self._teacher_inputs(inputs, teacher_extra), student=False)
 
         terms: dict[str, tuple[Tensor, str, float]] = {}
-        if kd.alpha_task > 0 and student_out.get("loss") is not None:
-            terms["task"] = (student_out["loss"], "labels" if kd.task_type == "token" else "samples", kd.alpha_task)
+        if kd.alpha_task > 0 and manual_task is not None:
+            terms["task"] = (self._task_loss_on_labelled(student_out["logits"], manual_task), "labels", kd.alpha_task)
+        elif kd.alpha_task > 0 and student_out.get("loss") is not None:
+            unit = "labels" if kd.task_type in ("token", "classification", "regression") else "samples"
+            terms["task"] = (student_out["loss"], unit, kd.alpha_task)
         if kd.alpha_kd > 0:
             t_logits = self._teacher_logits(teacher_out, inputs, teacher_extra)
             terms["kd"] = (self._logit_term(student_out, t_logits, inputs),
@@ -311,13 +335,34 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ pieces
     @staticmethod
-    def _unit_counts(batch: dict) -> dict[str, Tensor]:
+    def _unlabelled(labels: Tensor) -> Tensor:
+        """Rows (or tokens) without a label: -100 for class ids, nan for regression targets."""
+        return torch.isnan(labels) if labels.is_floating_point() else labels == -100
+
+    def _task_loss_on_labelled(self, logits: Tensor, labels: Tensor) -> Tensor:
+        keep = ~self._unlabelled(labels)
+        if self.kd_args.task_type == "regression":
+            pred = logits.squeeze(-1) if logits.dim() > labels.dim() else logits
+            diff = torch.where(keep, pred - torch.nan_to_num(labels.to(pred.dtype)), pred.new_zeros(()))
+            per_row = diff.pow(2).reshape(labels.shape[0], -1).mean(-1)
+            keep_rows = keep.reshape(labels.shape[0], -1).all(-1)
+            return (per_row * keep_rows).sum() / keep_rows.sum().clamp(min=1)
+        losses = nn.functional.cross_entropy(logits.float(), labels.long(), ignore_index=-100, reduction="sum")
+        return losses / keep.sum().clamp(min=1)
+
+    @classmethod
+    def _unit_counts(cls, batch: dict) -> dict[str, Tensor]:
         ids = batch.get("input_ids")
         mask = batch.get("attention_mask")
         samples = torch.tensor(ids.shape[0] if ids is not None else 0)
         tokens = mask.sum() if mask is not None else torch.tensor(ids.numel() if ids is not None else 0)
         labels = batch.get("labels")
-        labelled = (labels != -100).sum() if labels is not None and labels.dtype in (torch.long, torch.int) else samples
+        if labels is None:
+            labelled = samples
+        elif labels.is_floating_point():
+            labelled = (~torch.isnan(labels)).reshape(labels.shape[0], -1).all(-1).sum()
+        else:
+            labelled = (labels != -100).sum()
         return {"samples": samples.to(tokens.device), "tokens": tokens, "labels": labelled.to(tokens.device)}
 
     def _forward(self, model: nn.Module, inputs: dict, student: bool):
@@ -438,3 +483,6 @@ def teacher_logits_from_cache(
 
     lookup.cache = cache
     return lookup
+
+
+KDTrainer = DistillationTrainer

@@ -120,9 +120,12 @@ def test_token_classification_and_qa_paths_run(tmp_path, head_teacher_dirs, ner_
     assert report["main_metric"] == "f1" and "accuracy" in report["student"]["metrics"]
     qa = ["--teacher", head_teacher_dirs["qa"], "--task-type", "qa", "--train-file", qa_json]
     assert main(qa + common(tmp_path / "qa", student_layers=2, epochs=1, batch_size=16, logging_steps=1, alpha_qkv_relation=1.0,
-                            relation_heads=2, max_length=24, no_report=True)) == 0
+                            relation_heads=2, max_length=24)) == 0
     _, history = last_log_history(tmp_path / "qa")
     assert history[0]["loss_kd"] > 0 and history[0]["loss_qkv_relation"] > 0
+    report = json.loads((tmp_path / "qa" / "kd_report.json").read_text())
+    assert report["main_metric"] == "f1"  # SQuAD F1 on the answer text
+    assert {"exact_match", "f1", "span_f1"} <= set(report["student"]["metrics"])
 
 
 def test_resume_latest_continues_from_the_last_checkpoint(tmp_path, teacher_dir, sentiment_csv):

@@ -43,8 +43,11 @@ def test_token_metrics_ignore_padding_and_o_tags():
     m = task_metrics("token", logits, labels, names)
     # kept tokens: (0,O) (1,POS) (2->1 wrong NEG) (1,POS) (0,O): 4/5 right
     assert m["accuracy"] == pytest.approx(0.8)
-    # non-O tags: gold POS, NEG, POS; predicted POS, POS, POS -> tp 2, fp 1, fn 1
-    assert m["f1"] == pytest.approx(2 / 3)
+    # token level, non-O tags: gold POS, NEG, POS; predicted POS, POS, POS -> tp 2, fp 1, fn 1
+    assert m["token_f1"] == pytest.approx(2 / 3)
+    # entity level (IO tags): gold (POS 1-1), (NEG 2-2), (POS 1-1 of row 2); predicted (POS 1-2), (POS 1-1 of row 2)
+    # -> 1 hit; precision 1/2, recall 1/3, F1 0.4
+    assert m["f1"] == pytest.approx(0.4) and m["precision"] == pytest.approx(0.5)
 
 
 def test_qa_span_metrics():
@@ -72,3 +75,20 @@ def test_report_ratios_and_table():
     assert report["parameter_ratio"] == pytest.approx(s["parameters"] / t["parameters"], abs=1e-4)
     table = format_report(report)
     assert "90.0% retained" in table and "parameters" in table
+
+
+def test_entity_f1_on_hand_made_iob_tags():
+    from kd_tasks.nlp.report import entities, entity_scores
+
+    # the example of seqeval's README: the MISC chunk is predicted one token too early -> 1 of 2 entities right
+    true = [["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    pred = [["O", "O", "B-MISC", "I-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    assert entity_scores(true, pred) == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5})
+    # conlleval chunking: I- after O starts a chunk, B- splits, a type change splits; IOBES ends
+    assert entities(["I-LOC", "I-LOC", "B-LOC", "I-PER", "O", "S-ORG", "B-X", "E-X"]) == {
+        ("LOC", 0, 1), ("LOC", 2, 2), ("PER", 3, 3), ("ORG", 5, 5), ("X", 6, 7)}
+    try:
+        from seqeval.metrics import f1_score
+    except ImportError:
+        return
+    assert entity_scores(true, pred)["f1"] == pytest.approx(f1_score(true, pred))

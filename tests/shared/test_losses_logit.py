@@ -412,3 +412,81 @@ def test_every_logit_loss_rejects_shape_mismatch():
     ]:
         with pytest.raises(ShapeMismatchError, match="connector"):
             loss(torch.zeros(2, 5), torch.zeros(2, 6), **extra)
+
+
+# ----------------------------------------------------------------------------- KD divergences and logit standardisation
+
+
+def ref_divergence(p_t, p_s, divergence, beta=0.5):
+    """Each divergence written from its definition with scipy's rel_entr (independent of the torch code)."""
+    if divergence == "kl":
+        return ref_kl(p_t, p_s)
+    if divergence == "reverse_kl":
+        return ref_kl(p_s, p_t)
+    if divergence == "tv":
+        return 0.5 * float(np.abs(p_t - p_s).sum())
+    m = beta * p_t + (1 - beta) * p_s
+    return beta * ref_kl(p_t, m) + (1 - beta) * ref_kl(p_s, m)
+
+
+def ref_standardize(z):
+    """The authors' normalize(): (z - mean) / (1e-7 + std), std with Bessel's correction (torch.std)."""
+    return (z - z.mean(-1, keepdims=True)) / (1e-7 + z.std(-1, ddof=1, keepdims=True))
+
+
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("tv", 0.5)])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_kd_divergences_match_their_formulas(divergence, beta, standardize):
+    s, t = logits(5, 7, seed=21), logits(5, 7, seed=22)
+    temperature = 2.0
+    got = KDLoss(temperature=temperature, divergence=divergence, beta=beta, standardize=standardize)(s, t)
+    s_np, t_np = s.numpy(), t.numpy()
+    if standardize:
+        s_np, t_np = ref_standardize(s_np), ref_standardize(t_np)
+    want = np.mean([temperature**2 * ref_divergence(softmax(t_np[i] / temperature), softmax(s_np[i] / temperature),
+                                                     divergence, beta) for i in range(len(s_np))])
+    assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_divergence_properties_and_gradients():
+    s, t = logits(4, 6, seed=31), logits(4, 6, seed=32)
+    for divergence in ("kl", "reverse_kl", "jsd", "tv"):
+        loss = KDLoss(temperature=1.0, divergence=divergence)
+        assert loss(t.clone(), t).item() == pytest.approx(0.0, abs=1e-12)  # zero at the target
+        student = s.clone().requires_grad_(True)
+        teacher = t.clone().requires_grad_(True)
+        loss(student, teacher).backward()
+        assert student.grad is not None and float(student.grad.abs().sum()) > 0
+        assert teacher.grad is None  # the teacher is a target
+    # symmetric JSD is symmetric and bounded by log 2; TV is in [0, 1]; reverse KL swaps the arguments
+    jsd = KDLoss(temperature=1.0, divergence="jsd", beta=0.5)
+    assert jsd(s, t).item() == pytest.approx(jsd(t, s).item(), rel=1e-12)
+    assert 0 < jsd(s * 20, t * 20).item() <= np.log(2) + 1e-12
+    assert 0 < KDLoss(temperature=1.0, divergence="tv")(s * 20, t * 20).item() <= 1
+    assert KDLoss(temperature=1.0, divergence="reverse_kl")(s, t).item() == pytest.approx(
+        KDLoss(temperature=1.0)(t, s).item(), rel=1e-12)
+
+
+def test_standardisation_is_invariant_to_shift_and_scale_of_either_model():
+    s, t = logits(6, 10, seed=41), logits(6, 10, seed=42)
+    loss = KDLoss(temperature=2.0, standardize=True)
+    assert loss(3 * s + 5, 0.5 * t - 2).item() == pytest.approx(loss(s, t).item(), rel=1e-6)  # up to the 1e-7 eps
+    assert KDLoss(temperature=2.0)(3 * s + 5, t).item() != pytest.approx(KDLoss(temperature=2.0)(s, t).item())
+
+
+def test_dkd_with_standardisation_is_dkd_on_z_scores():
+    s, t, y = logits(6, 5, seed=51), logits(6, 5, seed=52), labels(6, classes=5, seed=53)
+    got = DKDLoss(alpha=1.0, beta=2.0, temperature=2.0, standardize=True)(s, t, target=y)
+    want = ref_dkd(torch.from_numpy(ref_standardize(s.numpy())), torch.from_numpy(ref_standardize(t.numpy())), y,
+                   1.0, 2.0, 2.0)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_bad_divergence_options_are_named():
+    with pytest.raises(KDConfigError, match="divergence"):
+        KDLoss(divergence="hellinger")
+    with pytest.raises(KDConfigError, match="beta"):
+        KDLoss(divergence="jsd", beta=1.0)
+    with pytest.raises(KDConfigError, match="finite"):
+        KDLoss(standardize=True)(logits(2, 3), torch.tensor([[0.0, float("-inf"), 1.0]] * 2, dtype=torch.float64))
+    assert LOSSES.build({"type": "kd", "divergence": "tv", "temperature": 1.0}).divergence == "tv"

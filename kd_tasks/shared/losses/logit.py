@@ -1,4 +1,5 @@
-"""Losses on output logits: Hinton KD, decoupled KD, DIST, logit MSE and sigmoid KD.
+"""Losses on output logits: Hinton KD (forward/reverse KL, JSD, total variation; optional logit
+standardisation), decoupled KD, DIST, logit MSE and sigmoid KD.
 
 Shapes: logits are ``(B, C)`` or ``(B, ..., C)`` with the class dimension last (token logits
 ``(B, L, V)`` included); every position ``(b, ...)`` is one prediction. An optional boolean ``mask``
@@ -22,6 +23,9 @@ __all__ = [
     "LogitMSELoss",
     "SigmoidKDLoss",
     "soft_kl",
+    "soft_divergence",
+    "standardize_logits",
+    "DIVERGENCES",
     "pearson_rows",
     "check_same_shape",
     "check_temperature",
@@ -122,12 +126,66 @@ def kept_rows(student: Tensor, teacher: Tensor, mask: Tensor | None) -> tuple[Te
 # ----------------------------------------------------------------------------- losses
 
 
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tv")
+
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Sun et al. (CVPR 2024), "Logit Standardization in Knowledge Distillation": the Z-score of each
+    position's logits, ``(z - mean(z)) / (eps + std(z))`` over the class dimension (``std`` with Bessel's
+    correction, as in the authors' code). Teacher and student are standardised separately, so the
+    student matches the teacher's logit *relations*, not their range. With 2 classes the Z-scores are
+    always ``±1/√2``: only the argmax survives, so use it with many classes."""
+    if not bool(torch.isfinite(logits).all()):
+        raise KDConfigError("logit standardisation needs finite logits (masked classes of -inf have no Z-score); "
+                            "turn standardize off for masked vocabularies")
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
+    return (logits - mean) / (eps + std)
+
+
+def soft_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+                    divergence: str = "kl", beta: float = 0.5) -> Tensor:
+    """One value per row between ``p_t = softmax(z_t / T)`` and ``p_s = softmax(z_s / T)``:
+
+    - ``kl`` (forward): ``KL(p_t ‖ p_s)`` (Hinton et al. 2015; mean-covering);
+    - ``reverse_kl``: ``KL(p_s ‖ p_t)`` (mode-seeking; MiniLLM, Gu et al. 2024);
+    - ``jsd``: generalised Jensen-Shannon with ``m = β p_t + (1-β) p_s``:
+      ``β KL(p_t ‖ m) + (1-β) KL(p_s ‖ m)`` (GKD, Agarwal et al. 2024; ``β = 0.5`` is the symmetric JSD,
+      bounded by ``log 2``);
+    - ``tv``: total variation ``½ Σ_c |p_t,c - p_s,c|`` (in [0, 1]).
+
+    No ``T²`` factor here.
+    """
+    if divergence == "kl":
+        return soft_kl(student_logits, teacher_logits, temperature)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    if divergence == "reverse_kl":
+        terms = torch.where(p_s > 0, p_s * (log_p_s - log_p_t), p_s.new_zeros(()))
+        return terms.sum(dim=-1)
+    if divergence == "tv":
+        return 0.5 * (p_t - p_s).abs().sum(dim=-1)
+    if divergence == "jsd":
+        if not 0 < beta < 1:
+            raise KDConfigError(f"jsd: beta must lie in (0, 1), got {beta}")
+        log_m = torch.logsumexp(torch.stack([log_p_t + torch.log(torch.tensor(beta, dtype=log_p_t.dtype)),
+                                             log_p_s + torch.log(torch.tensor(1 - beta, dtype=log_p_s.dtype))]), dim=0)
+        kl_t = torch.where(p_t > 0, p_t * (log_p_t - log_m), p_t.new_zeros(())).sum(dim=-1)
+        kl_s = torch.where(p_s > 0, p_s * (log_p_s - log_m), p_s.new_zeros(())).sum(dim=-1)
+        return beta * kl_t + (1 - beta) * kl_s
+    raise KDConfigError(f"kd: divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+
+
 @LOSSES.register("kd", "hinton")
 class KDLoss(nn.Module):
     """Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network".
 
-    ``L = T² · KL(p_t ‖ p_s)``, ``p = softmax(z / T)`` over the last (class) dimension; the teacher's
-    distribution is the target. ``reduction``:
+    ``L = T² · D(p_t, p_s)``, ``p = softmax(z / T)`` over the last (class) dimension; the teacher's
+    distribution is the target. ``D`` is ``divergence``: ``"kl"`` (default, ``KL(p_t ‖ p_s)``),
+    ``"reverse_kl"``, ``"jsd"`` (with ``beta``) or ``"tv"`` (:func:`soft_divergence`). ``standardize=True``
+    Z-scores both logits first (:func:`standardize_logits`, Sun et al. CVPR 2024), then divides by ``T``.
+    ``reduction``:
 
     - ``"batchmean"`` (default): sum over classes, mean over positions (``B`` for ``(B, C)`` logits,
       the kept positions for ``(B, ..., C)`` logits with ``mask``); independent of the batch size;
@@ -137,24 +195,36 @@ class KDLoss(nn.Module):
 
     The ``T²`` factor keeps gradient magnitudes comparable across temperatures (for large ``T`` the
     gradient tends to ``(z_s - z_t) / (C · B)`` minus its class mean, independent of ``T``). It is
-    always applied. torchdistill 1.1.5 differs: it returns the bare KL without ``T²`` when its CE
-    weight ``alpha`` is 0/None or no targets are given. Combine with cross-entropy in the distiller.
+    always applied, whatever the divergence. torchdistill 1.1.5 differs: it returns the bare KL without
+    ``T²`` when its CE weight ``alpha`` is 0/None or no targets are given. Combine with cross-entropy in
+    the distiller.
     """
 
-    def __init__(self, temperature: float = 4.0, reduction: str = "batchmean"):
+    def __init__(self, temperature: float = 4.0, reduction: str = "batchmean", divergence: str = "kl",
+                 beta: float = 0.5, standardize: bool = False):
         super().__init__()
         self.temperature = check_temperature(temperature, "kd")
         self.reduction = check_choice(reduction, POSITION_REDUCTIONS, "kd", "reduction")
+        self.divergence = check_choice(divergence, DIVERGENCES, "kd", "divergence")
+        self.beta = float(beta)
+        if divergence == "jsd" and not 0 < self.beta < 1:
+            raise KDConfigError(f"kd: jsd beta must lie in (0, 1), got {beta}")
+        self.standardize = bool(standardize)
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         teacher = teacher.detach()
         check_same_shape(student, teacher, "kd")
         mask = position_mask(mask, student, "kd")
-        kl = soft_kl(student, teacher, self.temperature) * self.temperature**2
-        return reduce_positions(kl, mask, self.reduction)
+        if self.standardize:
+            student, teacher = standardize_logits(student), standardize_logits(teacher)
+        value = soft_divergence(student, teacher, self.temperature, self.divergence, self.beta)
+        return reduce_positions(value * self.temperature**2, mask, self.reduction)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        extra = f", divergence={self.divergence!r}" if self.divergence != "kl" else ""
+        extra += f", beta={self.beta}" if self.divergence == "jsd" else ""
+        extra += ", standardize=True" if self.standardize else ""
+        return f"temperature={self.temperature}, reduction={self.reduction!r}{extra}"
 
 
 @LOSSES.register("dkd")
@@ -176,7 +246,8 @@ class DKDLoss(nn.Module):
     ``b`` is computed in log space (``log(1 - p_y)`` as a log-sum-exp over the non-target logits),
     where the authors take ``log`` of a softmax and can hit ``log(0)``.
 
-    Defaults ``alpha=1, beta=8, T=4`` are the authors' CIFAR-100 setting (ImageNet: ``beta=0.5,
+    ``standardize=True`` Z-scores both logits before the temperature (Sun et al., CVPR 2024; see
+    :func:`standardize_logits`). Defaults ``alpha=1, beta=8, T=4`` are the authors' CIFAR-100 setting (ImageNet: ``beta=0.5,
     T=1``). Their linear warm-up of the DKD weight is a schedule, not part of this loss. Needs
     ``target=`` (class indices of shape ``(B, ...)``); positions whose target is ``ignore_index`` or
     whose ``mask`` is ``False`` are dropped.
@@ -191,8 +262,10 @@ class DKDLoss(nn.Module):
         temperature: float = 4.0,
         reduction: str = "batchmean",
         ignore_index: int = -100,
+        standardize: bool = False,
     ):
         super().__init__()
+        self.standardize = bool(standardize)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.temperature = check_temperature(temperature, "dkd")
@@ -221,6 +294,8 @@ class DKDLoss(nn.Module):
         is_target = F.one_hot(safe_target, classes).bool()
 
         t = self.temperature
+        if self.standardize:  # Sun et al. (CVPR 2024) on DKD: Z-scored logits, then the temperature
+            student, teacher = standardize_logits(student), standardize_logits(teacher)
         s_scaled, t_scaled = student / t, teacher / t
         tckd = self._binary_kl(s_scaled, t_scaled, is_target)
         nckd = soft_kl(self._drop_target(s_scaled, is_target), self._drop_target(t_scaled, is_target))
@@ -259,7 +334,8 @@ class DKDLoss(nn.Module):
         return torch.where(is_target, far_below, z)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+        extra = ", standardize=True" if self.standardize else ""
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}{extra}"
 
 
 @LOSSES.register("dist")
