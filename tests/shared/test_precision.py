@@ -125,6 +125,8 @@ def unique_losses() -> dict[str, type]:
     seen, out = set(), {}
     for name in LOSSES.names():
         cls = LOSSES.get(name)
+        if not getattr(cls, "__module__", "").startswith("kd_tasks."):
+            continue  # registered by a test to check the registry itself
         if cls not in seen:
             seen.add(cls)
             out[name] = cls
