@@ -58,7 +58,7 @@ from torch import nn
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 
-from kd_tasks.shared.checkpoint import preserved_rng
+from kd_tasks.shared.checkpoint import digest, preserved_rng, state_digest
 from kd_tasks.shared.config import check_keys, resolve_dtype
 from kd_tasks.shared.distiller import Distiller, distillation_seed
 from kd_tasks.shared.errors import KDConfigError
@@ -211,6 +211,12 @@ class DetectionDistiller(BaseModel):
             self._dry_run(size)
         if not allow_stride_mismatch:
             check_strides(self.distiller.prepared_shapes, terms, size)
+        self.run_identity = {  # recorded in every checkpoint; a resume with other parts is refused
+            "student_architecture": state_digest(student_model.state_dict(), with_values=False),
+            "teacher": state_digest(teacher_model.state_dict()),
+            "recipe": digest({"terms": [str(t) for t in terms], "task_weight": str(section.get("task_weight", 1.0)),
+                              "teacher_dtype": str(section.get("teacher_dtype"))}),
+        }
 
     # -- parts ----------------------------------------------------------------------------------
     @property

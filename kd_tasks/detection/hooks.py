@@ -25,7 +25,7 @@ from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
 
-from kd_tasks.shared.checkpoint import preserved_rng
+from kd_tasks.shared.checkpoint import check_identity, preserved_rng
 from kd_tasks.shared.errors import KDConfigError
 from kd_tasks.shared.schedules import Constant
 
@@ -212,7 +212,8 @@ class StudentExportHook(Hook):
 
 @HOOKS.register_module()
 class SafeCheckpointHook(Hook):
-    """Makes MMEngine's checkpoints readable by ``torch.load(weights_only=True)`` and reads them back.
+    """Makes MMEngine's checkpoints readable by ``torch.load(weights_only=True)`` and reads them back, and
+    records the run's identity in them (``meta.kd_run_identity``), checked when a run resumes.
 
     MMEngine 0.10.7 stores its ``MessageHub`` (``HistoryBuffer`` objects, NumPy arrays) in every
     checkpoint; torch >= 2.6 refuses to unpickle those by default, so ``--resume`` fails. Before a
@@ -223,7 +224,13 @@ class SafeCheckpointHook(Hook):
     priority = "VERY_LOW"
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        model = distiller_of(runner)
+        checkpoint.setdefault("meta", {})["kd_run_identity"] = dict(model.run_identity)
         make_weights_only(checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Before MMEngine loads a resumed checkpoint's weights: refuse one written by another run (other
+        student architecture, teacher weights or recipe), naming the part that differs."""
+        saved = (checkpoint.get("meta") or {}).get("kd_run_identity")
+        check_identity(saved, distiller_of(runner).run_identity, getattr(runner, "_load_from", None) or "the checkpoint")
         restore_weights_only(checkpoint)

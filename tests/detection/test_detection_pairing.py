@@ -219,3 +219,21 @@ def test_two_cpu_processes_over_gloo(det_dir, trained_teacher_ckpt, tmp_path):
     log = "\n".join(f.read_text() for f in (tmp_path / "ddp").glob("*/*.log"))
     assert "Distributed launcher: pytorch" in log and "Distributed training: True" in log
     assert (tmp_path / "ddp" / "iter_3.pth").is_file() and (tmp_path / "ddp" / "student.pth").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(det_dir, trained_teacher_ckpt, tmp_path, capsys, make_model):
+    work = tmp_path / "run"
+    assert main(_cli(det_dir, work, trained_teacher_ckpt, None, "--max-iters", "2")) == 0
+    saved = torch.load(work / "iter_2.pth", weights_only=True)["meta"]["kd_run_identity"]
+    assert set(saved) == {"student_architecture", "teacher", "recipe"}
+    capsys.readouterr()
+    other_recipe = RECIPES / "pkd_fpn.py"  # same models, another recipe
+    assert main(_cli(det_dir, work, trained_teacher_ckpt, other_recipe, "--max-iters", "4", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "belongs to another run" in err and "recipe" in err and "Traceback" not in err
+    other_teacher = tmp_path / "other_teacher.pth"  # same shapes, other weights
+    torch.save({"state_dict": make_model("teacher", seed=9).state_dict()}, other_teacher)
+    assert main(_cli(det_dir, work, other_teacher, None, "--max-iters", "4", "--resume", "--teacher-check", "warn")) == 2
+    err = capsys.readouterr().err
+    assert "belongs to another run" in err and "teacher weights" in err
+    assert main(_cli(det_dir, work, trained_teacher_ckpt, None, "--max-iters", "4", "--resume")) == 0  # the same run
