@@ -64,6 +64,9 @@ from .checkpoint import sha256_file
 from .distiller import call_model, default_logits, freeze
 from .errors import KDConfigError
 from .taps import FeatureTaps
+from .topk import compress_topk, expand_topk
+
+TOPK_PARTS = ("output.topk_values", "output.topk_indices", "output.tail_logit")
 
 FORMAT_VERSION = 2
 META = "meta.json"
@@ -290,7 +293,9 @@ class TeacherCache:
 
     @property
     def names(self) -> list[str]:
-        return list(self.arrays)
+        """The outputs a lookup returns (``output`` also when it is stored as top-k logits)."""
+        names = [n for n in self.arrays if n not in TOPK_PARTS]
+        return (["output"] if TOPK_PARTS[0] in self.arrays else []) + names
 
     def lookup(
         self,
@@ -303,11 +308,16 @@ class TeacherCache:
         idx = idx.astype(np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise KDConfigError(f"teacher cache holds {len(self)} samples; index {int(idx.max())} is out of range")
-        return {
+        out = {
             name: torch.from_numpy(np.asarray(arr[idx], dtype=np.float32)).to(device or "cpu")
             for name, arr in self.arrays.items()
-            if names is None or name in names
+            if name not in TOPK_PARTS and (names is None or name in names)
         }
+        if TOPK_PARTS[0] in self.arrays and (names is None or "output" in names):
+            values, indices, tail = (torch.from_numpy(np.asarray(self.arrays[p][idx])) for p in TOPK_PARTS)
+            classes = self.meta["arrays"][TOPK_PARTS[0]]["topk"]["classes"]
+            out["output"] = expand_topk(values, indices, tail, classes).to(device or "cpu")
+        return out
 
     # -- opening and building -------------------------------------------------------------------
     @classmethod
@@ -356,6 +366,7 @@ class TeacherCache:
         dataset_id: str | None = None,
         preprocessing: str | None = None,
         dtype: str = "float32",
+        top_k: int | None = None,
         rebuild: bool = False,
         **build_kwargs: Any,
     ) -> "TeacherCache":
@@ -371,7 +382,7 @@ class TeacherCache:
         content = None if dataset_id else _sample_fingerprints(dataset)
         key = make_key(teacher, dataset, taps=taps, store_output=store_output, teacher_id=teacher_id,
                        dataset_id=dataset_id or _digest_of(content, len(dataset)), preprocessing=preprocessing,
-                       dtype=dtype)
+                       dtype=dtype, top_k=top_k)
         directory = Path(directory)
         exists = (directory / META).is_file()
         if exists and not rebuild:
@@ -379,7 +390,7 @@ class TeacherCache:
             cache.status = "hit"
             return cache
         cache = cls.build(teacher, dataset, directory, key, taps=taps, store_output=store_output, dtype=dtype,
-                          expected=content, **build_kwargs)
+                          expected=content, top_k=top_k, **build_kwargs)
         cache.status = "rebuilt" if exists else "built"
         return cache
 
@@ -403,8 +414,13 @@ class TeacherCache:
         check_deterministic: bool = True,
         progress: bool = False,
         expected: Sequence[str] | None = None,
+        top_k: int | None = None,
     ) -> "TeacherCache":
         """Run ``teacher`` over ``dataset`` in order and write its outputs (replacing any old cache).
+
+        ``top_k``: store the ``output`` logits as their top ``k`` values, class indices and the tail mass
+        (:mod:`kd_tasks.shared.topk`): ``k + k + 1`` numbers per row instead of one per class; lookups
+        return dense logits whose softmax keeps the teacher's top-k probabilities exactly.
 
         ``expected``: each sample's fingerprint from an earlier read (:meth:`load_or_build` passes the
         fingerprint pass's); every sample the teacher reads is compared with it (random augmentation
@@ -425,8 +441,11 @@ class TeacherCache:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
+            if top_k is not None and (not store_output or int(top_k) < 1):
+                raise KDConfigError(f"teacher cache: top_k needs store_output=True and k >= 1, got top_k={top_k!r}")
             arrays, fingerprints = _run_teacher(teacher, dataset, tmp, taps, store_output, DTYPES[dtype], batch_size,
-                                                collate_fn, split_batch, num_workers, device, logits_fn, progress)
+                                                collate_fn, split_batch, num_workers, device, logits_fn, progress,
+                                                top_k)
             if check_deterministic and expected is not None:
                 differ = [i for i, (a, b) in enumerate(zip(expected, fingerprints)) if a != b]
                 if differ:
@@ -454,9 +473,13 @@ def make_key(
     dataset_id: str | None = None,
     preprocessing: str | None = None,
     dtype: str = "float32",
+    top_k: int | None = None,
 ) -> CacheKey:
     """The :class:`CacheKey` of a teacher/dataset pair (computing the fingerprints not given)."""
-    outputs = json.dumps({"output": bool(store_output), "taps": list(taps), "dtype": dtype})
+    outputs = {"output": bool(store_output), "taps": list(taps), "dtype": dtype}
+    if top_k is not None:
+        outputs["top_k"] = int(top_k)
+    outputs = json.dumps(outputs)
     return CacheKey(
         teacher=teacher_id or teacher_fingerprint(teacher),
         dataset=dataset_id or dataset_fingerprint(dataset),
@@ -525,7 +548,7 @@ def _fsync_tree(directory: Path) -> None:
 
 
 def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size, collate_fn, split_batch,
-                 num_workers, device, logits_fn, progress) -> dict:
+                 num_workers, device, logits_fn, progress, top_k=None) -> dict:
     from torch.utils.data import DataLoader
 
     freeze(teacher)
@@ -559,11 +582,19 @@ def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size
                 raw, outs = call_model(teacher, inputs), {}
             if store_output:
                 outs["output"] = logits_fn(raw)
-            for name in names:
-                value = outs[name].float().cpu().numpy()
+                if top_k is not None:
+                    classes = outs["output"].shape[1]
+                    values, indices, tail = compress_topk(outs["output"], min(int(top_k), classes))
+                    topk_meta = {"k": int(values.shape[1]), "classes": int(classes)}
+                    outs.update({TOPK_PARTS[0]: values, TOPK_PARTS[1]: indices, TOPK_PARTS[2]: tail})
+            for name in [n for n in names if not (n == "output" and top_k is not None)] + (
+                    list(TOPK_PARTS) if store_output and top_k is not None else []):
+                value = outs[name].cpu().numpy() if name == TOPK_PARTS[1] else outs[name].float().cpu().numpy()
                 if name not in arrays:
+                    files.setdefault(name, f"out{len(files)}.npy")
                     arrays[name] = np.lib.format.open_memmap(
-                        tmp / files[name], mode="w+", dtype=np_dtype, shape=(len(dataset),) + value.shape[1:]
+                        tmp / files[name], mode="w+", dtype=np.int64 if name == TOPK_PARTS[1] else np_dtype,
+                        shape=(len(dataset),) + value.shape[1:]
                     )
                 arrays[name][row: row + len(value)] = value
             row += len(value)
@@ -573,6 +604,8 @@ def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size
     for name, arr in arrays.items():
         arr.flush()
         info[name] = {"file": files[name], "shape": list(arr.shape), "dtype": str(arr.dtype)}
+        if name == TOPK_PARTS[0]:
+            info[name]["topk"] = topk_meta
     return info, fingerprints
 
 

@@ -271,3 +271,43 @@ def test_a_declared_random_transform_is_refused_before_reading():
 
     with pytest.raises(KDConfigError, match="RandomHorizontalFlip"):
         TeacherCache.load_or_build(net(), Declared(), "unused", preprocessing="x")
+
+
+def test_top_k_logits_keep_the_teachers_top_probabilities_and_tail_mass(tmp_path):
+    from kd_tasks.shared.topk import compress_topk, expand_topk
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 50, generator=g, dtype=torch.float64) * 3
+    values, indices, tail = compress_topk(z, 8)
+    dense = expand_topk(values, indices, tail, 50).double()
+    p, q = F.softmax(z, 1), F.softmax(dense, 1)
+    for row in range(5):  # independent: a loop over classes
+        top = set(torch.argsort(z[row], descending=True)[:8].tolist())
+        for c in range(50):
+            if c in top:
+                assert q[row, c].item() == pytest.approx(p[row, c].item(), rel=1e-5)
+            else:  # the teacher's tail mass, spread evenly
+                rest = 1 - sum(p[row, i].item() for i in top)
+                assert q[row, c].item() == pytest.approx(rest / 42, rel=1e-5)
+    full = expand_topk(*compress_topk(z, 50), 50).double()
+    torch.testing.assert_close(F.softmax(full, 1), p, rtol=1e-5, atol=1e-7)
+    with pytest.raises(KDConfigError, match="k must lie in 1..50"):
+        compress_topk(z, 0)
+
+    teacher, data = net(32, seed=1), Blobs()
+    dense_cache = TeacherCache.load_or_build(teacher, data, tmp_path / "dense", preprocessing="none")
+    topk_cache = TeacherCache.load_or_build(teacher, data, tmp_path / "topk", preprocessing="none", top_k=2)
+    assert topk_cache.names == ["output"] and TeacherCache.load_or_build(
+        teacher, data, tmp_path / "topk", preprocessing="none", top_k=2).status == "hit"
+    with pytest.raises(KDConfigError, match="stale"):  # another k is another cache
+        TeacherCache.load_or_build(teacher, data, tmp_path / "topk", preprocessing="none", top_k=3)
+    idx = torch.tensor([0, 7, 39])
+    exact = dense_cache.lookup(idx)["output"]
+    approx = topk_cache.lookup(idx)["output"]
+    assert approx.shape == exact.shape == (3, C)
+    assert torch.equal(approx.argmax(1), exact.argmax(1))
+    top2 = exact.topk(2, dim=1).indices
+    torch.testing.assert_close(F.softmax(approx, 1).gather(1, top2), F.softmax(exact, 1).gather(1, top2), rtol=1e-5,
+                               atol=1e-6)
+    stored = sum(a.size for a in topk_cache.arrays.values())
+    assert stored == 40 * (2 + 2 + 1)  # k values, k indices, one tail logit per row
