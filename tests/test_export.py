@@ -53,3 +53,27 @@ def test_int8_dynamic_quantisation_is_smaller_and_close():
         ref, got = model(x), q(x)
     assert (ref - got).abs().max() < 0.05 * ref.abs().max()
     assert (ref.argmax(1) == got.argmax(1)).float().mean() > 0.9
+
+
+class _Keywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+
+    def forward(self, x, scale=None):
+        return self.proj(x * scale.unsqueeze(-1)).sum(1)
+
+
+def test_keyword_inputs_in_forward_order_with_named_dynamic_axes(tmp_path):
+    torch.manual_seed(0)
+    model = _Keywords().eval()
+    example = {"scale": torch.rand(2, 5), "x": torch.randn(2, 5, 3)}  # not in forward's order
+    axes = {"x": {0: "batch", 1: "sequence"}, "scale": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+    path = export_onnx(model, example, tmp_path / "kw.onnx", dynamic_axes=axes)
+    for batch, length in ((1, 2), (4, 9)):
+        inputs = {"x": torch.randn(batch, length, 3), "scale": torch.rand(batch, length)}
+        with torch.no_grad():
+            np.testing.assert_allclose(run_onnx(path, inputs)[0], model(**inputs).numpy(), atol=1e-5, rtol=1e-4)
+        assert check_onnx(model, inputs, path) < 1e-4
+    with pytest.raises(KDConfigError, match=r"dynamic_axes names \['mask'\]"):
+        export_onnx(model, example, tmp_path / "bad.onnx", dynamic_axes={"mask": {0: "batch"}})

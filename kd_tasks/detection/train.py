@@ -53,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-checkpoint", required=True, help="teacher's trained weights (.pth)")
     p.add_argument("--student-config", required=True,
                    help="student's MMDetection config: its data, schedule and runtime settings drive the run")
-    p.add_argument("--recipe", required=True, help="distillation recipe (.yaml / .json / .py), see configs/detection/")
-    p.add_argument("--work-dir", required=True, help="directory for logs, checkpoints and the exported student")
+    p.add_argument("--recipe", "--config", dest="recipe", required=True,
+                   help="distillation recipe (.yaml / .json / .py), see configs/detection/")
+    p.add_argument("--work-dir", "--output-dir", dest="work_dir", required=True,
+                   help="directory for logs, checkpoints and the exported student (MMEngine's name; --output-dir as in "
+                        "the other subcommands)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed of the run (default: the student config's randomness.seed, else MMEngine's)")
     p.add_argument("--max-iters", type=int, default=None,
                    help="train this many iterations instead of the config's schedule (iteration-based loop; validation and "
                         "checkpoint at the end; epoch-based LR milestones are dropped)")
@@ -143,6 +148,8 @@ def build_config(args: argparse.Namespace):
     if isinstance(cfg.get("visualizer"), dict):  # MMDetection's fixed name 'visualizer' would send a second run
         cfg.visualizer.pop("name", None)  # in the same process to the first run's log directory
     cfg.work_dir = str(Path(args.work_dir).resolve())
+    if args.seed is not None:
+        cfg.randomness = dict(cfg.get("randomness") or {}, seed=int(args.seed))
     cfg.launcher = args.launcher
     if args.max_iters is not None:
         _iteration_schedule(cfg, args.max_iters)

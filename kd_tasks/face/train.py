@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML file of option values (keys as the long options, '-' or '_'); "
-                                    "command-line options override it")
+    p.add_argument("--config", "--recipe", dest="config",
+                   help="YAML file of option values (keys as the long options, '-' or '_'); command-line options "
+                        "override it (--recipe: the same)")
     g = p.add_argument_group("inputs")
     g.add_argument("--teacher", help="teacher: .onnx, TorchScript .pt, or dlib:<path.dat> (required)")
     g.add_argument("--data", help="folder of identity folders for training (required)")
@@ -161,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=10)
     g.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=0.05,
+                   help="peak learning rate (--learning-rate: the same)")
     g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw", "adam"))
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--scheduler", default="cosine", choices=("cosine", "linear", "constant"))
@@ -198,7 +200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _find_config(argv: list[str] | None) -> str | None:
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
+    pre.add_argument("--config", "--recipe", dest="config")
     known, _ = pre.parse_known_args(argv)
     return known.config
 
@@ -222,6 +224,9 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
+        action = parser._option_string_actions.get(f"--{key}")
+        if dest not in dests and action is not None and action.dest in dests:
+            dest = action.dest  # any spelling of an option, e.g. learning-rate for lr
         if dest not in dests:
             raise KDConfigError(f"config {path!r}: {suggest(dest, sorted(dests), 'option')}")
         out[dest] = value

@@ -11,7 +11,8 @@ that both tokenizers agree; score the teacher on the validation split (a teacher
 load shows here, before any training); train with :class:`DistillationTrainer`; save the student
 (config, weights, tokenizer) to ``--output-dir``; write ``kd_report.json`` / ``kd_report.md``:
 parameters, size on disk, CPU latency per batch, task metric and the share of the teacher's metric
-the student keeps, and the recipe; ``README.md`` (a model card). A recipe with ``stages`` runs each stage
+the student keeps, and the recipe; ``README.md`` (a model card); with ``--export onnx``,
+``onnx/model.onnx`` checked against PyTorch with onnxruntime (:mod:`.export`). A recipe with ``stages`` runs each stage
 in ``<output-dir>/stage<N>-<name>/`` (resumable; a finished stage is reused). Every
 ``transformers.TrainingArguments`` flag is accepted (:mod:`.arguments`). Under ``torchrun`` / ``accelerate
 launch`` only the main process prints, evaluates into the report and writes it.
@@ -73,7 +74,8 @@ def kd_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML/JSON recipe whose keys are the option names below")
+    p.add_argument("--config", "--recipe", dest="config",
+                   help="YAML/JSON recipe whose keys are the option names below (--recipe: the same)")
 
     g = p.add_argument_group("models")
     g.add_argument("--teacher", help="fine-tuned teacher: a local directory or a hub name")
@@ -146,7 +148,8 @@ def kd_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--eval-batch-size", type=int, default=64)
     g.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    g.add_argument("--learning-rate", type=float, default=5e-5)
+    g.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=5e-5,
+                   help="peak learning rate (--lr: the same)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup", type=float, default=0.1, help="warm-up steps, or a fraction of all steps if < 1")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -169,6 +172,9 @@ def kd_parser() -> argparse.ArgumentParser:
     g.add_argument("--report-to", default="none", help="none, tensorboard, ...")
     g.add_argument("--latency-batch-size", type=int, default=32, help="batch size of the CPU latency measurement")
     g.add_argument("--no-report", action="store_true", help="skip the teacher-vs-student report")
+    g.add_argument("--export", choices=["onnx"], default=None,
+                   help="onnx: also write the saved student to <output-dir>/onnx/model.onnx (keyword inputs, dynamic "
+                        "batch and sequence axes), checked against PyTorch with onnxruntime")
     return p
 
 
@@ -184,6 +190,9 @@ def recipe_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any
     out = {}
     for key, value in load_config(path).items():
         dest = str(key).replace("-", "_")
+        action = parser._option_string_actions.get(f"--{key}")
+        if dest not in names and action is not None and action.dest in names:
+            dest = action.dest  # any spelling of an option, e.g. lr for learning_rate
         if dest not in names:
             raise KDConfigError(f"recipe {path!r}: " + suggest(str(key), [n.replace("_", "-") for n in names], "option"))
         out[dest] = value
@@ -314,10 +323,11 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser, con
 # ----------------------------------------------------------------------------- the run
 
 RUN_FILE = "kd_run.json"  # the run's identity, written next to the Trainer's checkpoint-* directories
+ONNX_DIR = "onnx"  # --export onnx writes <output-dir>/onnx/model.onnx
 OWN_OUTPUTS = ("kd_report.json", "kd_report.md", RUN_FILE)
 # options a resumed run may change (more epochs / steps move the end of the LR schedule; intervals)
 CHANGEABLE = ("epochs", "max_steps", "logging_steps", "save_steps", "save_total_limit", "resume", "overwrite",
-              "report_to", "no_report", "latency_batch_size", "eval_batch_size", "output_dir", "config")
+              "report_to", "no_report", "latency_batch_size", "eval_batch_size", "output_dir", "config", "export")
 
 
 def _checkpoints(output_dir: str) -> list[str]:
@@ -362,7 +372,7 @@ def prepare_output_dir(args: argparse.Namespace) -> str | bool | None:
                                   hint="pass --resume to continue it, --overwrite to replace it, or choose another "
                                        "--output-dir")
     if args.overwrite:
-        for c in checkpoints + stage_dirs:
+        for c in checkpoints + stage_dirs + [d for d in [os.path.join(out, ONNX_DIR)] if os.path.isdir(d)]:
             shutil.rmtree(c)
         for f in OWN_OUTPUTS:
             if os.path.exists(os.path.join(out, f)):
@@ -739,6 +749,15 @@ def run(args: argparse.Namespace) -> dict:
     trainer.save_model(args.output_dir)
     student_metrics = _metrics_only(trainer.evaluate())
     _say(f"student on validation: {json.dumps(student_metrics)}")
+    onnx = None
+    if args.export == "onnx" and _is_main_process():
+        from .export import export_student_onnx
+
+        saved = _load("saved student", args.output_dir, lambda: load_model(args.output_dir, spec.task_type, "student"))
+        onnx = export_student_onnx(saved, _latency_batch(datasets["validation"], collator, args.latency_batch_size),
+                                   args.output_dir, spec.task_type)
+        _say(f"ONNX: {onnx['path']} (inputs {', '.join(onnx['inputs'])}; dynamic batch and sequence; "
+             f"onnxruntime vs PyTorch max |diff| {onnx['max_abs_diff_vs_pytorch']:.2g})")
     if args.no_report or not _is_main_process():
         return {}
 
@@ -751,6 +770,8 @@ def run(args: argparse.Namespace) -> dict:
     report["task"] = spec.glue_task or spec.task_type
     report["tokenizer_differences"] = differences
     report["student_saved_to"] = os.path.abspath(args.output_dir)
+    if onnx:
+        report["onnx"] = onnx
     report["recipe"] = {
         "teacher": args.teacher, "student_source": _student_source(args), "kept_teacher_layers": kept,
         "seed": args.seed, "config": args.config, "transfer_data": transfer, "stages": recipe_stages,

@@ -3,13 +3,16 @@
 Every adapter can reuse these (torch only; ``onnx``/``onnxruntime`` imported inside the functions)::
 
     path = export_onnx(student, example_batch, "out/student.onnx")          # dynamic batch dimension
+    export_onnx(hf_model, {"input_ids": ids, "attention_mask": mask}, "out/model.onnx",   # keyword inputs
+                dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, ...})
     check_onnx(student, example_batch, path)                               # max |onnx - torch|, raises if off
     q = quantize_dynamic_int8(student)                                     # Linear/LSTM/GRU weights in int8
 
 :func:`export_onnx` uses ``torch.onnx.export``: the ``torch.export``-based exporter when
 ``onnxscript`` is installed, else the TorchScript-based one (``dynamo=False``), which needs nothing
 beyond torch. The graph is written in eval mode with the first input dimension named ``batch`` and
-marked dynamic, so one file serves batch 1 and large batches.
+marked dynamic, so one file serves batch 1 and large batches (``dynamic_axes=`` names other dynamic
+dimensions, e.g. a text model's sequence length).
 
 :func:`quantize_dynamic_int8` is ``torch.ao.quantization.quantize_dynamic``: weights of ``nn.Linear``
 (and recurrent) layers stored in int8, activations quantised on the fly; convolutions stay in float
@@ -37,25 +40,46 @@ def _as_tuple(example: Any) -> tuple:
     return (example,)
 
 
+def _forward_order(model: nn.Module, example: Mapping) -> dict:
+    """The mapping's entries in the order of ``model.forward``'s parameters (the graph's input order)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return dict(example)
+    known = [k for k in params if k in example]
+    return {k: example[k] for k in known + [k for k in example if k not in known]}
+
+
 def export_onnx(model: nn.Module, example: Any, path: str | Path, *, input_names: Sequence[str] | None = None,
-                output_names: Sequence[str] = ("logits",), opset: int = 17, dynamic_batch: bool = True) -> Path:
+                output_names: Sequence[str] = ("logits",), opset: int = 17, dynamic_batch: bool = True,
+                dynamic_axes: Mapping[str, Mapping[int, str]] | None = None) -> Path:
     """Write ``model`` (in eval mode, on the CPU, a copy: the model is not changed) as ONNX to ``path``.
 
     ``example``: a tensor or tuple of tensors (a real batch). Mapping inputs (Hugging Face models) are
-    passed as keyword arguments with their keys as input names.
+    passed as keyword arguments, in the order of ``model.forward``'s parameters, with their keys as input
+    names. ``dynamic_axes`` (input or output name -> {dimension: name}, e.g. ``{0: "batch", 1: "sequence"}``)
+    replaces the default of a dynamic first dimension on every input and output.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     m = copy.deepcopy(model).cpu().eval()
     kwargs = None
     if isinstance(example, Mapping):
-        kwargs = {k: v.cpu() for k, v in example.items()}
+        kwargs = {k: v.cpu() for k, v in _forward_order(m, example).items()}
         args: tuple = ()
         names = list(input_names or kwargs)
     else:
         args = tuple(t.cpu() for t in _as_tuple(example))
         names = list(input_names or (["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]))
-    axes = {n: {0: "batch"} for n in [*names, *output_names]} if dynamic_batch else None
+    if dynamic_axes is not None:
+        unknown = sorted(set(dynamic_axes) - {*names, *output_names})
+        if unknown:
+            raise KDConfigError(f"dynamic_axes names {unknown} are neither inputs {names} nor outputs {list(output_names)}")
+        axes = {n: dict(a) for n, a in dynamic_axes.items()}
+    else:
+        axes = {n: {0: "batch"} for n in [*names, *output_names]} if dynamic_batch else None
     try:
         import onnxscript  # noqa: F401  -- the torch.export-based exporter needs it
 

@@ -237,3 +237,14 @@ def test_resume_refuses_a_checkpoint_of_another_run(det_dir, trained_teacher_ckp
     err = capsys.readouterr().err
     assert "belongs to another run" in err and "teacher weights" in err
     assert main(_cli(det_dir, work, trained_teacher_ckpt, None, "--max-iters", "4", "--resume")) == 0  # the same run
+
+
+def test_one_name_per_concept_aliases(det_dir, trained_teacher_ckpt, tmp_path):
+    argv = _cli(det_dir, tmp_path / "w", trained_teacher_ckpt)
+    argv[argv.index("--work-dir")] = "--output-dir"
+    argv[argv.index("--recipe")] = "--config"
+    cfg = build_config(build_parser().parse_args(argv + ["--seed", "7"]))
+    assert cfg.work_dir == str((tmp_path / "w").resolve()) and cfg.randomness.seed == 7
+    assert cfg.model.distill["terms"][0]["name"] == "cwd_p3"
+    text = build_parser().format_help()
+    assert "--output-dir" in text and "--config" in text and "--seed" in text

@@ -118,3 +118,19 @@ def test_shipped_configs_are_valid():
     for path in configs:
         values = load_config(str(path), build_parser())
         assert values["student"] in ("mobilefacenet", "mobilefacenet_s", "resnet_face")
+
+
+def test_recipe_is_the_config_flag_and_learning_rate_is_lr(setup, tmp_path):
+    from kd_tasks.face.train import build_parser, parse_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("margin: cosface\nkd: l2\nlearning-rate: 0.02\n")  # a key may be any spelling of an option
+    by_recipe = parse_args(args(setup, tmp_path / "r", "--recipe", str(cfg)))
+    by_config = parse_args(args(setup, tmp_path / "r", "--config", str(cfg)))
+    assert (by_recipe.margin, by_recipe.kd, by_recipe.lr) == ("cosface", "l2", 0.02)
+    assert vars(by_recipe) == vars(by_config)
+    assert parse_args(args(setup, tmp_path / "r", "--recipe", str(cfg), "--learning-rate", "0.3")).lr == 0.3
+    assert parse_args(args(setup, tmp_path / "r", "--lr", "0.4")).lr == 0.4
+    assert parse_args(args(setup, tmp_path / "r")).lr == 0.05  # the default is unchanged
+    text = build_parser().format_help()
+    assert "--config CONFIG, --recipe CONFIG" in text and "--lr LR, --learning-rate LR" in text

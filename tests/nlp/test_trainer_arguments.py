@@ -86,3 +86,27 @@ def test_divergence_options_reach_the_kd_loss(tokenizer):
     assert KDTrainer is DistillationTrainer
     args = parse_args(BASE + ["--kd-divergence", "reverse_kl", "--logit-standardization"])
     assert args.kd_divergence == "reverse_kl" and args.logit_standardization is True
+
+
+def test_lr_is_the_learning_rate_flag_and_shown_in_help():
+    from kd_tasks.nlp.distill import build_parser
+
+    for flag in ("--lr", "--learning-rate", "--learning_rate"):
+        args = parse_args(BASE + [flag, "0.003"])
+        assert args.learning_rate == 0.003
+        assert _training_arguments(args).learning_rate == 0.003
+    assert parse_args(BASE).learning_rate == 5e-5  # the default is unchanged
+    assert "--lr LEARNING_RATE" in build_parser().format_help()
+
+
+def test_recipe_is_the_config_flag_and_shown_in_help(tmp_path):
+    from kd_tasks.nlp.distill import build_parser
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("student-layers: 2\nalpha_kd: 0.8\nlr: 0.002\n")  # lr: a recipe key may be any spelling
+    by_recipe = parse_args(["--recipe", str(recipe)] + BASE)
+    by_config = parse_args(["--config", str(recipe)] + BASE)
+    assert (by_recipe.student_layers, by_recipe.alpha_kd, by_recipe.learning_rate) == (2, 0.8, 0.002)
+    assert vars(by_recipe) == vars(by_config)
+    assert parse_args(["--recipe", str(recipe), "--lr", "0.01"] + BASE).learning_rate == 0.01  # the command line wins
+    assert "--config CONFIG, --recipe CONFIG" in build_parser().format_help()
