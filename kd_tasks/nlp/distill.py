@@ -137,6 +137,10 @@ def kd_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-inputs", default="shared", choices=["shared", "separate"],
                    help="separate: the teacher tokenises the text itself (different tokenizers; logit KD only)")
     g.add_argument("--cache-teacher-logits", help="directory caching the teacher's logits on disk (logit KD only)")
+    g.add_argument("--cache-top-k", type=int, default=None, metavar="K",
+                   help="store only each row's top K teacher logits, their classes and the tail mass in the cache "
+                        "(for large label spaces; sequence classification); the teacher's top-K probabilities are kept "
+                        "exactly, the rest of its mass spread evenly")
     g.add_argument("--rebuild-cache", action="store_true", help="rebuild the teacher-logits cache if stale")
     g.add_argument("--stages", help="a recipe's list of stages (JSON on the command line), each a mapping of "
                    "options for that stage, e.g. intermediate layers first, then logits; run in order, each resumable")
@@ -225,7 +229,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 STAGE_KEYS = ("name", "epochs", "max_steps", "learning_rate", "warmup", "weight_decay", "batch_size", "temperature",
               "alpha_task", "alpha_kd", "alpha_hidden", "alpha_attention", "alpha_value_relation",
               "alpha_qkv_relation", "hidden_loss", "attention_loss", "layer_map", "relation_heads",
-              "cache_teacher_logits", "kd_divergence", "jsd_beta", "logit_standardization")
+              "cache_teacher_logits", "cache_top_k", "kd_divergence", "jsd_beta", "logit_standardization")
 
 
 def _read_stages(value, config: str | None) -> list[dict] | None:
@@ -724,7 +728,7 @@ def run(args: argparse.Namespace) -> dict:
         if use_cache and kd_args.alpha_kd > 0:
             logits_fn = teacher_logits_from_cache(
                 sargs.cache_teacher_logits, teacher, datasets["train"], collator, args.eval_batch_size,
-                device=None, rebuild=args.rebuild_cache,
+                device=None, rebuild=args.rebuild_cache, top_k=getattr(sargs, "cache_top_k", None),
             )
         sargs_dir = argparse.Namespace(**{**vars(sargs), "output_dir": sdir})
         trainer = DistillationTrainer(

@@ -455,8 +455,10 @@ def teacher_logits_from_cache(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     rebuild: bool = False,
+    top_k: int | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """Build (or reuse) a disk cache of the teacher's logits on ``dataset`` and return a lookup.
+    """Build (or reuse) a disk cache of the teacher's logits on ``dataset`` and return a lookup
+    (``top_k``: store each row's top-k logits with the tail mass, see :mod:`kd_tasks.shared.topk`).
 
     Uses :class:`kd_tasks.shared.cache.TeacherCache`: keyed by the teacher's weights and the
     tokenised dataset, so a changed teacher or dataset is refused as stale instead of reused. The
@@ -475,7 +477,7 @@ def teacher_logits_from_cache(
         teacher, dataset, directory, dataset_id=getattr(dataset, "_fingerprint", None),
         preprocessing="transformers tokenizer (the token ids are part of the dataset fingerprint)",
         rebuild=rebuild, batch_size=batch_size, collate_fn=collator, split_batch=lambda b: split(dict(b)),
-        device=device, logits_fn=lambda out: out["logits"],
+        device=device, logits_fn=lambda out: out["logits"], top_k=top_k,
     )
 
     def lookup(indices: Tensor) -> Tensor:

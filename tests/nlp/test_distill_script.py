@@ -162,3 +162,17 @@ def test_a_used_output_dir_is_refused_then_overwritten_and_resume_checks_the_run
     assert main(base + common(out, student_layers=2, batch_size=16, max_steps=1, save_steps=1, no_report=True,
                               overwrite=True)) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_cached_teacher_logits_as_top_k_with_the_tail_mass(tmp_path, teacher_dir, sentiment_csv):
+    cache = tmp_path / "cache"
+    argv = ["--teacher", teacher_dir, "--train-file", sentiment_csv["train"], "--max-train-samples", "32",
+            "--max-eval-samples", "16"] + common(tmp_path / "out", student_layers=1, epochs=1, batch_size=16,
+                                                  logging_steps=1, cache_teacher_logits=cache, cache_top_k=1,
+                                                  no_report=True)
+    assert main(argv) == 0
+    arrays = json.loads((cache / "meta.json").read_text())["arrays"]
+    assert "output" not in arrays and arrays["output.topk_values"]["shape"] == [32, 1]
+    assert arrays["output.topk_values"]["topk"] == {"k": 1, "classes": 2}
+    _, history = last_log_history(tmp_path / "out")
+    assert history[0]["loss_kd"] > 0
