@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any, Callable, Mapping
 
@@ -18,10 +19,16 @@ from .precision import full_precision_forward
 class Registry:
     """Maps names to classes (or factories) of one kind."""
 
-    def __init__(self, kind: str, on_register: Callable[[Any], Any] | None = None):
+    def __init__(self, kind: str, on_register: Callable[[Any], Any] | None = None, builtins: str | None = None):
         self.kind = kind
         self._items: dict[str, Callable[..., Any]] = {}
         self._on_register = on_register
+        self._builtins = builtins  # module that registers the built-in entries, imported at first lookup
+
+    def _load_builtins(self) -> None:
+        if self._builtins is not None:
+            module, self._builtins = self._builtins, None
+            importlib.import_module(module)
 
     def register(self, name: str | None = None, *aliases: str):
         def deco(obj):
@@ -37,12 +44,15 @@ class Registry:
         return deco
 
     def names(self) -> list[str]:
+        self._load_builtins()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        self._load_builtins()
         return name.lower() in self._items
 
     def get(self, name: str) -> Callable[..., Any]:
+        self._load_builtins()
         try:
             return self._items[name.lower()]
         except KeyError:
@@ -85,6 +95,6 @@ def check_kwargs(obj: Callable[..., Any], kwargs: Mapping[str, Any], what: str) 
             )
 
 
-LOSSES = Registry("loss", on_register=full_precision_forward)  # every loss computes in float32 (or wider)
+LOSSES = Registry("loss", on_register=full_precision_forward, builtins="kd_tasks.shared.losses")  # every loss computes in float32 (or wider)
 CONNECTORS = Registry("connector")
 SCHEMES = Registry("scheme")

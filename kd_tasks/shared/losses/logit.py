@@ -9,6 +9,8 @@ The teacher argument is a target: it is detached, so no gradient reaches the tea
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,9 +40,12 @@ POSITION_REDUCTIONS = ("batchmean", "sum", "none")
 
 
 def check_temperature(temperature: float, owner: str) -> float:
-    """Return ``temperature`` as a float, or raise :class:`KDConfigError` if it is not positive."""
+    """Return ``temperature`` as a float, or raise :class:`KDConfigError` if it is not a positive number."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) and not (
+            isinstance(temperature, torch.Tensor) and temperature.numel() == 1):
+        raise KDConfigError(f"{owner}: temperature must be a number > 0, got {temperature!r}")
     temperature = float(temperature)
-    if not temperature > 0:
+    if not temperature > 0 or temperature != temperature or temperature == float("inf"):
         raise KDConfigError(f"{owner}: temperature must be > 0, got {temperature}")
     return temperature
 
