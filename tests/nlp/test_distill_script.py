@@ -176,3 +176,19 @@ def test_cached_teacher_logits_as_top_k_with_the_tail_mass(tmp_path, teacher_dir
     assert arrays["output.topk_values"]["topk"] == {"k": 1, "classes": 2}
     _, history = last_log_history(tmp_path / "out")
     assert history[0]["loss_kd"] > 0
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, teacher_dir, sentiment_csv):
+    from safetensors.torch import load_file
+
+    base = ["--teacher", teacher_dir, "--train-file", sentiment_csv["train"], "--max-train-samples", "48",
+            "--max-eval-samples", "8"]
+    opts = dict(student_layers=2, batch_size=8, save_steps=2, logging_steps=1, no_report=True, learning_rate=1e-3,
+                lr_scheduler_type="constant")  # the schedule must not depend on max_steps
+    assert main(base + common(tmp_path / "full", max_steps=5, **opts)) == 0
+    assert main(base + common(tmp_path / "part", max_steps=2, **opts)) == 0  # stopped after step 2
+    assert main(base + common(tmp_path / "part", max_steps=5, resume="latest", **opts)) == 0
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert full.keys() == resumed.keys()
+    assert [k for k in full if not torch.equal(full[k], resumed[k])] == []  # bit for bit
