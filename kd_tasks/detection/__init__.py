@@ -14,6 +14,7 @@ Importing this package imports mmdet and registers, in MMDetection's registries:
 """
 
 from .crosskd import CrossKDLoss
+from .runner import KDRunner
 from .checkpoint import extract_state_dict, load_checkpoint_file, load_weights
 from .distiller import DetectionDistiller, build_detector
 from .hooks import DistillStepHook, SafeCheckpointHook, StudentExportHook, TeacherCheckHook
@@ -22,5 +23,5 @@ from .losses import ForegroundFeatureLoss, boxes_to_mask
 __all__ = [
     "DetectionDistiller", "build_detector", "DistillStepHook", "TeacherCheckHook", "StudentExportHook",
     "SafeCheckpointHook", "ForegroundFeatureLoss", "boxes_to_mask", "load_checkpoint_file",
-    "extract_state_dict", "load_weights", "CrossKDLoss",
+    "extract_state_dict", "load_weights", "CrossKDLoss", "KDRunner",
 ]

@@ -154,7 +154,7 @@ def build_config(args: argparse.Namespace):
     if args.max_iters is not None:
         _iteration_schedule(cfg, args.max_iters)
     if args.resume == "auto":
-        cfg.resume, cfg.load_from = True, None
+        cfg.resume, cfg.load_from = True, latest_intact_checkpoint(Path(args.work_dir))
     elif args.resume:
         cfg.resume, cfg.load_from = True, _file(args.resume, "--resume checkpoint")
     for options in (recipe.get("cfg_options") or {}, args.cfg_options or {}):
@@ -166,6 +166,37 @@ def build_config(args: argparse.Namespace):
         cfg.load_from = None
     _check_model_keys(cfg.model)
     return cfg
+
+
+def latest_intact_checkpoint(work_dir: Path) -> str | None:
+    """The newest ``iter_*.pth`` / ``epoch_*.pth`` in ``work_dir`` that reads back whole; a damaged newer one is
+    named in a warning and skipped. ``None`` when there is none (the run starts fresh)."""
+    from .checkpoint import load_checkpoint_file
+
+    def number(path: Path) -> int:
+        try:
+            return int(path.stem.split("_")[-1])
+        except ValueError:
+            return -1
+
+    found = sorted(list(work_dir.glob("iter_*.pth")) + list(work_dir.glob("epoch_*.pth")), key=number, reverse=True)
+    damaged = []
+    for path in found:
+        try:
+            state = load_checkpoint_file(path)
+            if not isinstance(state, dict) or "state_dict" not in state:
+                raise ValueError("no state_dict")
+        except Exception as e:  # noqa: BLE001 -- any unreadable file is skipped, and named
+            damaged.append(f"{path.name} ({type(e).__name__})")
+            continue
+        if damaged:
+            print(f"kd-tasks detect: warning: damaged checkpoint {', '.join(damaged)} skipped; resuming from {path.name}",
+                  file=sys.stderr)
+        return str(path)
+    if damaged:
+        raise KDConfigError(f"every checkpoint in --work-dir {str(work_dir)!r} is damaged: {', '.join(damaged)}",
+                            hint="start again with --overwrite, or restore the files")
+    return None
 
 
 def _kd_hooks(hooks: list, args: argparse.Namespace) -> list:
@@ -234,12 +265,12 @@ def _cpu_processes(cfg) -> None:
 
 def run(cfg) -> Any:
     """Build MMEngine's Runner from ``cfg`` and train; returns the runner."""
-    from mmengine.runner import Runner
-
     import kd_tasks.detection  # noqa: F401  registers the model and hooks
 
+    from .runner import KDRunner
+
     _cpu_processes(cfg)
-    runner = Runner.from_cfg(cfg)
+    runner = KDRunner.from_cfg(cfg)
     runner.train()
     return runner
 

@@ -120,3 +120,21 @@ def test_cli_errors_name_the_problem(det_dir, trained_teacher_ckpt, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("kd-tasks detect: error:")
     assert __import__("re").search(message, err), err
+
+
+def test_checkpoints_are_atomic_and_a_damaged_newest_one_is_skipped_on_resume(det_dir, trained_teacher_ckpt,
+                                                                            tmp_path, capsys):
+    work = tmp_path / "run"
+    every2 = ["--cfg-options", "default_hooks.checkpoint.interval=2"]
+    assert main(args(det_dir, work, trained_teacher_ckpt, None, "--max-iters", "4", *every2)) == 0
+    assert (work / "iter_2.pth").is_file() and (work / "iter_4.pth").is_file()
+    assert not list(work.glob(".*tmp*"))  # written under a temporary name, renamed into place
+    data = (work / "iter_4.pth").read_bytes()
+    (work / "iter_4.pth").write_bytes(data[: len(data) // 3])  # a kill during a (non-atomic) write
+    capsys.readouterr()
+    assert main(args(det_dir, work, trained_teacher_ckpt, None, "--max-iters", "6", "--resume", *every2)) == 0
+    err = capsys.readouterr().err
+    assert "damaged checkpoint iter_4.pth" in err and "resuming from iter_2.pth" in err
+    log = "\n".join(f.read_text() for f in work.glob("*/*.log"))
+    assert "resumed epoch: 0, iter: 2" in log
+    assert (work / "iter_6.pth").is_file()
