@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mmengine.dist import is_main_process
 from mmengine.runner import Runner
 
 from mmdet.registry import RUNNERS
@@ -28,7 +29,7 @@ class KDRunner(Runner):
 
     def save_checkpoint(self, out_dir, filename, *args, **kwargs):
         local = "://" not in str(out_dir) and not kwargs.get("backend_args") and not kwargs.get("file_client_args")
-        if not local:
+        if not local or not is_main_process():  # MMEngine writes on the main process only
             return super().save_checkpoint(out_dir, filename, *args, **kwargs)
         final = Path(out_dir) / filename
         tmp_name = f".{filename}.tmp-{os.getpid()}"
