@@ -32,7 +32,7 @@ EPILOG = """example (RetinaNet R50 teacher -> R18 student, channel-wise distilla
   resume:  add --resume (latest checkpoint of --work-dir) or --resume work_dirs/x/iter_2000.pth
 
 The recipe (YAML, JSON or .py) holds a `distill` section (terms: name, loss, student/teacher taps such as
-'neck:0'..'neck:4', weight, connector; optional task_weight for the student's own losses, teacher_dtype)
+'neck@P3' (the FPN level of stride 8) or 'bbox_head:0@P3', weight, connector; optional task_weight for the student's own losses, teacher_dtype)
 and optionally `cfg_options` (dotted config keys, e.g. optim_wrapper.clip_grad.max_norm: 10).
 The run writes <work-dir>/student.pth and student_config.py, usable by plain MMDetection.
 """
