@@ -5,9 +5,9 @@ already mapped by a connector when the channel counts differ) or dense head outp
 classification logits, ``ld``: box-side distributions). Student and teacher must have the same
 shape. The teacher is a target: it is detached, so no gradient reaches it.
 
-Every loss computes in float32: fp16/bf16 inputs (an autocast teacher, a half-precision student)
-are upcast with ``.float()`` and autocast is switched off inside the loss, so the result is a float32
-scalar (float64 inputs stay float64). The learnable parts of ``mgd`` and ``fgd`` are cast to that
+Every loss computes in float32: the ``LOSSES`` registry upcasts fp16/bf16 inputs and switches autocast
+off inside every loss (:mod:`kd_tasks.shared.precision`); student and teacher are brought to one dtype
+here (float64 when either is float64). The learnable parts of ``mgd`` and ``fgd`` are cast to that
 dtype for the computation (their gradients flow back to the stored parameters).
 
 ``boxes_to_mask`` (the foreground cells of a map from ground-truth boxes) lives here too; the
@@ -16,7 +16,6 @@ detection package re-exports it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Sequence
 
@@ -80,13 +79,6 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
         if t.is_floating_point():
             dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def full_precision(device: torch.device):
-    """A context with autocast switched off on ``device`` (so convolutions and matmuls stay float32)."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _check_pair(owner: str, student: Tensor, teacher: Tensor) -> None:
@@ -237,15 +229,14 @@ class PKDLoss(nn.Module):
             raise KDConfigError(f"pkd: eps must be >= 0, got {eps}")
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        with full_precision(student.device):
-            s, t = feature_pair("pkd", student, teacher)
-            n, _, h, w = s.shape
-            if n * h * w < 2:
-                raise ShapeMismatchError(
-                    f"pkd: needs at least 2 values per channel (N·H·W >= 2) for its standard deviation; got "
-                    f"{tuple(s.shape)}"
-                )
-            return F.mse_loss(pkd_normalize(s, self.eps), pkd_normalize(t, self.eps)) / 2
+        s, t = feature_pair("pkd", student, teacher)
+        n, _, h, w = s.shape
+        if n * h * w < 2:
+            raise ShapeMismatchError(
+                f"pkd: needs at least 2 values per channel (N·H·W >= 2) for its standard deviation; got "
+                f"{tuple(s.shape)}"
+            )
+        return F.mse_loss(pkd_normalize(s, self.eps), pkd_normalize(t, self.eps)) / 2
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -332,20 +323,19 @@ class MGDLoss(nn.Module):
         return F.conv2d(F.relu(x), _param(second.weight, x), _param(second.bias, x), padding=1)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        with full_precision(student.device):
-            s, t = feature_pair("mgd", student, teacher)
-            n, c, h, w = s.shape
-            if self.generation is None:
-                self._build(c, s.device)
-            built_for = self.generation[0].in_channels
-            if c != built_for:
-                raise ShapeMismatchError(
-                    f"mgd: the generation block was built for {built_for} channels, got {c}; use one mgd term per "
-                    f"FPN level, or a 'conv1x1' connector to {built_for} channels"
-                )
-            _check_device("mgd", self.generation, s)
-            mask = self.draw_mask(n, h, w).to(device=s.device, dtype=s.dtype)
-            return self.alpha_mgd * (self.generate(s * mask) - t).pow(2).sum() / n
+        s, t = feature_pair("mgd", student, teacher)
+        n, c, h, w = s.shape
+        if self.generation is None:
+            self._build(c, s.device)
+        built_for = self.generation[0].in_channels
+        if c != built_for:
+            raise ShapeMismatchError(
+                f"mgd: the generation block was built for {built_for} channels, got {c}; use one mgd term per "
+                f"FPN level, or a 'conv1x1' connector to {built_for} channels"
+            )
+        _check_device("mgd", self.generation, s)
+        mask = self.draw_mask(n, h, w).to(device=s.device, dtype=s.dtype)
+        return self.alpha_mgd * (self.generate(s * mask) - t).pow(2).sum() / n
 
     def get_extra_state(self) -> Any:
         return {"mask_generator_state": self._mask_state.clone()}
@@ -542,37 +532,36 @@ class FGDLoss(nn.Module):
         gt_boxes: Sequence[Tensor] | None = None,
         input_shape: Sequence[int] | None = None,
     ) -> Tensor:
-        with full_precision(student.device):
-            s, t = feature_pair("fgd", student, teacher)
-            n, c, h, w = s.shape
-            check_boxes("fgd", gt_boxes, input_shape, n)
-            if not self.built:
-                self._build(c, s.device)
-            built_for = self.conv_mask_s.in_channels
-            if c != built_for:
-                raise ShapeMismatchError(
-                    f"fgd: the GcBlocks were built for {built_for} channels, got {c}; use one fgd term per FPN "
-                    f"level, or a 'conv1x1' connector to {built_for} channels"
-                )
-            _check_device("fgd", self.conv_mask_s, s)
-            spatial_t, channel_t = fgd_attention(t, self.temperature)
-            spatial_s, channel_s = fgd_attention(s, self.temperature)
-            fg, bg = fgd_masks(gt_boxes, (h, w), input_shape, s.device)
-            fg, bg = fg.to(s.dtype), bg.to(s.dtype)
-
-            weighted = (s - t).pow(2) * spatial_t[:, None] * channel_t[:, :, None, None]
-            fg_loss = (weighted * fg[:, None]).sum() / n
-            bg_loss = (weighted * bg[:, None]).sum() / n
-            at_loss = (channel_s - channel_t).abs().sum() / n + (spatial_s - spatial_t).abs().sum() / n
-            out_s = self.global_context(s, self.conv_mask_s, self.channel_add_conv_s)
-            out_t = self.global_context(t, self.conv_mask_t, self.channel_add_conv_t)
-            global_loss = (out_s - out_t).pow(2).sum() / n
-            return (
-                self.alpha_fgd * fg_loss
-                + self.beta_fgd * bg_loss
-                + self.gamma_fgd * at_loss
-                + self.lambda_fgd * global_loss
+        s, t = feature_pair("fgd", student, teacher)
+        n, c, h, w = s.shape
+        check_boxes("fgd", gt_boxes, input_shape, n)
+        if not self.built:
+            self._build(c, s.device)
+        built_for = self.conv_mask_s.in_channels
+        if c != built_for:
+            raise ShapeMismatchError(
+                f"fgd: the GcBlocks were built for {built_for} channels, got {c}; use one fgd term per FPN "
+                f"level, or a 'conv1x1' connector to {built_for} channels"
             )
+        _check_device("fgd", self.conv_mask_s, s)
+        spatial_t, channel_t = fgd_attention(t, self.temperature)
+        spatial_s, channel_s = fgd_attention(s, self.temperature)
+        fg, bg = fgd_masks(gt_boxes, (h, w), input_shape, s.device)
+        fg, bg = fg.to(s.dtype), bg.to(s.dtype)
+
+        weighted = (s - t).pow(2) * spatial_t[:, None] * channel_t[:, :, None, None]
+        fg_loss = (weighted * fg[:, None]).sum() / n
+        bg_loss = (weighted * bg[:, None]).sum() / n
+        at_loss = (channel_s - channel_t).abs().sum() / n + (spatial_s - spatial_t).abs().sum() / n
+        out_s = self.global_context(s, self.conv_mask_s, self.channel_add_conv_s)
+        out_t = self.global_context(t, self.conv_mask_t, self.channel_add_conv_t)
+        global_loss = (out_s - out_t).pow(2).sum() / n
+        return (
+            self.alpha_fgd * fg_loss
+            + self.beta_fgd * bg_loss
+            + self.gamma_fgd * at_loss
+            + self.lambda_fgd * global_loss
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "conv_mask_s.weight"
@@ -650,22 +639,21 @@ class DenseKDLoss(nn.Module):
             raise KDConfigError(f"dense_kd: num_classes={k} in the recipe, but the detector's head has {num_classes} "
                                 "classes; drop num_classes from the recipe or fix it")
         k = int(k)
-        with full_precision(student.device):
-            s, t = logit_pair("dense_kd", student, teacher, "anchors and classes")
-            n, ch, h, w = s.shape
-            if ch % k:
-                raise KDConfigError(
-                    f"dense_kd: {ch} channels are not a multiple of num_classes={k}; channels = anchors × classes, "
-                    f"so set num_classes to the head's classes per anchor"
-                )
-            temp = self.temperature
-            zs = s.reshape(n, ch // k, k, h, w) / temp
-            zt = t.reshape(n, ch // k, k, h, w) / temp
-            if self.mode == "softmax":
-                per_prediction = soft_kl(zs.movedim(2, -1), zt.movedim(2, -1))
-            else:
-                per_prediction = binary_kl(zs, zt).sum(dim=2)
-            return per_prediction.mean() * temp**2
+        s, t = logit_pair("dense_kd", student, teacher, "anchors and classes")
+        n, ch, h, w = s.shape
+        if ch % k:
+            raise KDConfigError(
+                f"dense_kd: {ch} channels are not a multiple of num_classes={k}; channels = anchors × classes, "
+                f"so set num_classes to the head's classes per anchor"
+            )
+        temp = self.temperature
+        zs = s.reshape(n, ch // k, k, h, w) / temp
+        zt = t.reshape(n, ch // k, k, h, w) / temp
+        if self.mode == "softmax":
+            per_prediction = soft_kl(zs.movedim(2, -1), zt.movedim(2, -1))
+        else:
+            per_prediction = binary_kl(zs, zt).sum(dim=2)
+        return per_prediction.mean() * temp**2
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, mode={self.mode!r}, temperature={self.temperature}"
@@ -719,26 +707,25 @@ class LDLoss(nn.Module):
         gt_boxes: Sequence[Tensor] | None = None,
         input_shape: Sequence[int] | None = None,
     ) -> Tensor:
-        with full_precision(student.device):
-            s, t = logit_pair("ld", student, teacher, "box distribution (reg_max)")
-            n, c, h, w = s.shape
-            bins = self.reg_max + 1
-            if c != 4 * bins:
-                hint = f" (this map fits reg_max={c // 4 - 1})" if c % 4 == 0 and c >= 8 else ""
-                raise ShapeMismatchError(
-                    f"ld: expects 4·(reg_max+1) = {4 * bins} channels for reg_max={self.reg_max}, got {c}; set "
-                    f"reg_max to the head's{hint}, and tap the box-regression output of a GFL-style head"
-                )
-            temp = self.temperature
-            zs = s.reshape(n, 4, bins, h, w).movedim(2, -1)
-            zt = t.reshape(n, 4, bins, h, w).movedim(2, -1)
-            per_side = soft_kl(zs, zt, temp) * temp**2  # (N, 4, H, W)
-            if self.region == "all":
-                return per_side.mean()
-            check_boxes("ld", gt_boxes, input_shape, n)
-            mask = boxes_to_mask(gt_boxes, s.shape, input_shape).to(device=s.device, dtype=s.dtype)
-            kept = mask.sum() * 4
-            return (per_side * mask).sum() / kept.clamp(min=1)
+        s, t = logit_pair("ld", student, teacher, "box distribution (reg_max)")
+        n, c, h, w = s.shape
+        bins = self.reg_max + 1
+        if c != 4 * bins:
+            hint = f" (this map fits reg_max={c // 4 - 1})" if c % 4 == 0 and c >= 8 else ""
+            raise ShapeMismatchError(
+                f"ld: expects 4·(reg_max+1) = {4 * bins} channels for reg_max={self.reg_max}, got {c}; set "
+                f"reg_max to the head's{hint}, and tap the box-regression output of a GFL-style head"
+            )
+        temp = self.temperature
+        zs = s.reshape(n, 4, bins, h, w).movedim(2, -1)
+        zt = t.reshape(n, 4, bins, h, w).movedim(2, -1)
+        per_side = soft_kl(zs, zt, temp) * temp**2  # (N, 4, H, W)
+        if self.region == "all":
+            return per_side.mean()
+        check_boxes("ld", gt_boxes, input_shape, n)
+        mask = boxes_to_mask(gt_boxes, s.shape, input_shape).to(device=s.device, dtype=s.dtype)
+        kept = mask.sum() * 4
+        return (per_side * mask).sum() / kept.clamp(min=1)
 
     def extra_repr(self) -> str:
         return f"reg_max={self.reg_max}, temperature={self.temperature}, region={self.region!r}"
