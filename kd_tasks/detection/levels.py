@@ -95,7 +95,7 @@ def _resolve(base: str, level: int, calls: list[Any], size: int, side: str) -> s
     found: list[str] = []
     if len(calls) == 1:
         strides = _strides_of(calls[0], size)
-        if strides is not None and len(strides) > 1 or isinstance(calls[0], (list, tuple)):
+        if isinstance(calls[0], (list, tuple)):  # one output per level (an FPN): pick the element
             for i, s in enumerate(strides or []):
                 found.append(level_name(s))
                 if s == stride:

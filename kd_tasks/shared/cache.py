@@ -560,7 +560,8 @@ def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size
                         collate_fn=_SplitCollate(collate_fn))
     fingerprints: list[str] = []
     tapper = FeatureTaps(teacher, {t: t for t in taps}, detach=True, stop_after_last=not store_output) if taps else None
-    names = (["output"] if store_output else []) + list(taps)
+    topk = store_output and top_k is not None  # the output is stored as its top-k parts
+    names = (list(TOPK_PARTS) if topk else ["output"] if store_output else []) + list(taps)
     files = {name: f"out{i}.npy" for i, name in enumerate(names)}
     arrays: dict[str, np.memmap] = {}
     row = 0
@@ -582,16 +583,14 @@ def _run_teacher(teacher, dataset, tmp, taps, store_output, np_dtype, batch_size
                 raw, outs = call_model(teacher, inputs), {}
             if store_output:
                 outs["output"] = logits_fn(raw)
-                if top_k is not None:
+                if topk:
                     classes = outs["output"].shape[1]
                     values, indices, tail = compress_topk(outs["output"], min(int(top_k), classes))
                     topk_meta = {"k": int(values.shape[1]), "classes": int(classes)}
                     outs.update({TOPK_PARTS[0]: values, TOPK_PARTS[1]: indices, TOPK_PARTS[2]: tail})
-            for name in [n for n in names if not (n == "output" and top_k is not None)] + (
-                    list(TOPK_PARTS) if store_output and top_k is not None else []):
+            for name in names:
                 value = outs[name].cpu().numpy() if name == TOPK_PARTS[1] else outs[name].float().cpu().numpy()
                 if name not in arrays:
-                    files.setdefault(name, f"out{len(files)}.npy")
                     arrays[name] = np.lib.format.open_memmap(
                         tmp / files[name], mode="w+", dtype=np.int64 if name == TOPK_PARTS[1] else np_dtype,
                         shape=(len(dataset),) + value.shape[1:]

@@ -93,8 +93,7 @@ class Term:
             raise KDConfigError(f"term #{index} {dict(cfg)!r} has no 'loss'; e.g. loss: {{type: kd, temperature: 4}}")
         loss = cfg["loss"]
         if not isinstance(loss, nn.Module):
-            _import_losses()
-            loss = LOSSES.build(loss)
+            loss = LOSSES.build(loss)  # the registry imports the built-in loss families at first lookup
         name = cfg.get("name") or (loss.__class__.__name__ if isinstance(cfg["loss"], nn.Module) else _type_name(cfg["loss"]))
         return cls(
             name=str(name),
@@ -120,11 +119,6 @@ def _taps(spec: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(spec, Mapping):
         raise KDConfigError("a term's student/teacher is a tap string like 'layer3' or 'neck:0', or a list of them")
     return tuple(spec)
-
-
-def _import_losses() -> None:
-    """Register every built-in loss family (done lazily so importing the core stays light)."""
-    import kd_tasks.shared.losses  # noqa: F401
 
 
 def _accepts(loss: nn.Module, kw: str) -> bool:
