@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -99,8 +100,7 @@ def _resolve(base: str, level: int, calls: list[Any], size: int, side: str) -> s
             for i, s in enumerate(strides or []):
                 found.append(level_name(s))
                 if s == stride:
-                    path = ".".join(spec.path + (str(i),))
-                    return f"{spec.module}:{path}" + ("@input" if spec.use_input else "")
+                    return str(replace(spec, path=spec.path + (str(i),)))
         elif strides is not None:
             found.append(level_name(strides[0]))
             if strides[0] == stride:
@@ -115,8 +115,7 @@ def _resolve(base: str, level: int, calls: list[Any], size: int, side: str) -> s
                 )
             found.append(level_name(strides[0]))
             if strides[0] == stride:
-                path = (":" + ".".join(spec.path)) if spec.path else ""
-                return f"{spec.module}#{k}{path}" + ("@input" if spec.use_input else "")
+                return str(replace(spec, call=k))
     if not found:
         raise KDConfigError(f"{side} tap {base}@P{level}: its output is not a feature map (or a list of them), "
                             "so it has no level; tap the neck, a head output or a head convolution")

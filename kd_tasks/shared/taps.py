@@ -28,7 +28,7 @@ resolve. An unknown name raises :class:`UnknownTapError` listing the closest exi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -298,11 +298,11 @@ class FeatureTaps:
             return None
         alias, n = next(iter(found.items()))
         spec = self.specs[alias]
-        base, rest = spec.module, (":" + ".".join(spec.path) if spec.path else "") + ("@input" if spec.use_input else "")
+        first, last, every = (str(replace(spec, call=c)) for c in (0, n - 1, "*"))
         return KDConfigError(
             f"{side} tap {alias!r}: module {spec.module!r} runs {n} times in one forward (e.g. a head shared by "
-            f"the FPN levels), so one call cannot be chosen silently; name it: '{base}#0{rest}' .. "
-            f"'{base}#{n - 1}{rest}' (call k = level k for detection heads), or '{base}#*{rest}' for a list of all"
+            f"the FPN levels), so one call cannot be chosen silently; name it: '{first}' .. '{last}' (call k = "
+            f"level k for detection heads), or '{every}' for a list of all"
         )
 
 
