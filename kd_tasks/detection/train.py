@@ -38,6 +38,7 @@ The run writes <work-dir>/student.pth and student_config.py, usable by plain MMD
 """
 
 RECIPE_KEYS = ("distill", "cfg_options")
+CHECKPOINTS = ("iter_*.pth", "epoch_*.pth")  # MMEngine's checkpoint files in a work dir
 KD_HOOKS = ("DistillStepHook", "TeacherCheckHook", "SafeCheckpointHook", "StudentExportHook")
 
 
@@ -179,7 +180,7 @@ def latest_intact_checkpoint(work_dir: Path) -> str | None:
         except ValueError:
             return -1
 
-    found = sorted(list(work_dir.glob("iter_*.pth")) + list(work_dir.glob("epoch_*.pth")), key=number, reverse=True)
+    found = sorted((p for pattern in CHECKPOINTS for p in work_dir.glob(pattern)), key=number, reverse=True)
     damaged = []
     for path in found:
         try:
@@ -275,7 +276,7 @@ def run(cfg) -> Any:
     return runner
 
 
-RUN_OUTPUTS = ("iter_*.pth", "epoch_*.pth", "last_checkpoint", "student.pth", "student_config.py")
+RUN_OUTPUTS = (*CHECKPOINTS, "last_checkpoint", "student.pth", "student_config.py")
 
 
 def check_work_dir(args: argparse.Namespace) -> None:
