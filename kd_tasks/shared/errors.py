@@ -26,6 +26,7 @@ import os
 import sys
 import traceback
 from typing import Callable, Iterable, Sequence
+from .distributed import process_group_teardown
 
 DEBUG_ENV = "KD_TASKS_DEBUG"
 DEBUG_FLAG = "--debug"
@@ -197,7 +198,7 @@ def run_cli(prog: str, fn: Callable[[list[str]], int | None], argv: Sequence[str
     outer_debug = _State.debug
     _State.debug = debug
     try:
-        with _boundary_depth():
+        with _boundary_depth(), process_group_teardown():
             return int(fn(argv) or 0)
     except SystemExit:
         raise  # argparse's --help / usage errors, already printed
