@@ -9,9 +9,14 @@ files on the command line win over a recipe's GLUE ``task``); add transfer data 
 build the student (a given model, teacher layers copied, or a narrower shape from scratch); check
 that both tokenizers agree; score the teacher on the validation split (a teacher that failed to
 load shows here, before any training); train with :class:`DistillationTrainer`; save the student
-(config, weights, tokenizer) to ``--output-dir``; write ``kd_report.json`` / ``kd_report.md``:
-parameters, size on disk, CPU latency per batch, task metric and the share of the teacher's metric
-the student keeps, and the recipe; ``README.md`` (a model card); with ``--export onnx``,
+(config, weights, tokenizer) to ``--output-dir``; write the shared compression report
+(:mod:`kd_tasks.shared.report`: ``report.md``, ``report.json``, ``report.png``) of the teacher and the
+student measured on the CPU -- parameters, FLOPs, size on disk, batch-1 latency, throughput at
+``--latency-batch-size``, peak memory, the task metric (the validation scores above, not recomputed),
+the share of the teacher's metric kept, the figure of merit, the Pareto front -- and, from the same
+measurements, ``kd_report.json`` / ``kd_report.md`` with the recipe; ``README.md`` (a model card); with
+``--quantize``, an int8 dynamically quantised copy of the saved student as a third row, scored on the
+validation split on the CPU; with ``--export onnx``,
 ``onnx/model.onnx`` checked against PyTorch with onnxruntime (:mod:`.export`). A recipe with ``stages`` runs each stage
 in ``<output-dir>/stage<N>-<name>/`` (resumable; a finished stage is reused). Every
 ``transformers.TrainingArguments`` flag is accepted (:mod:`.arguments`). Under ``torchrun`` / ``accelerate
@@ -174,11 +179,16 @@ def kd_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output-dir (its checkpoint-* directories and report are removed)")
     g.add_argument("--report-to", default="none", help="none, tensorboard, ...")
-    g.add_argument("--latency-batch-size", type=int, default=32, help="batch size of the CPU latency measurement")
+    g.add_argument("--latency-batch-size", type=int, default=32,
+                   help="validation rows of the report's CPU measurements: throughput, time per batch, peak memory "
+                        "(latency: batch 1)")
     g.add_argument("--no-report", action="store_true", help="skip the teacher-vs-student report")
     g.add_argument("--export", choices=["onnx"], default=None,
                    help="onnx: also write the saved student to <output-dir>/onnx/model.onnx (keyword inputs, dynamic "
                         "batch and sequence axes), checked against PyTorch with onnxruntime")
+    g.add_argument("--quantize", action="store_true",
+                   help="add an int8 dynamic quantised copy (torch.ao, Linear layers) of the saved student to the "
+                        "report, evaluated on the validation split on the CPU")
     return p
 
 
@@ -312,11 +322,14 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser, con
         if value is not None and not isinstance(value, str):
             raise KDConfigError(f"--{dest.replace('_', '-')}{where} must be text, got {value!r}")
     for flag in ("fp16", "bf16", "cpu", "no_report", "rebuild_cache", "overwrite", "disable_tqdm",
-                 "logit_standardization"):
+                 "logit_standardization", "quantize"):
         if not isinstance(getattr(args, flag), bool):
             raise KDConfigError(f"--{flag.replace('_', '-')}{where} must be true or false, got {getattr(args, flag)!r}")
     if args.fp16 and args.bf16:
         raise KDConfigError("--fp16 and --bf16 both given", hint="choose one precision")
+    if args.quantize and args.no_report:
+        raise KDConfigError("--quantize and --no-report both given: the int8 student is a row of the report",
+                            hint="drop --no-report to get the report, or --quantize to skip it")
     if args.augment_prob is not None and args.augment_prob > 1:
         raise KDConfigError(f"--augment-prob{where} is a probability: give a number in (0, 1], got {args.augment_prob}")
     if args.resume and args.overwrite:
@@ -328,10 +341,11 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser, con
 
 RUN_FILE = "kd_run.json"  # the run's identity, written next to the Trainer's checkpoint-* directories
 ONNX_DIR = "onnx"  # --export onnx writes <output-dir>/onnx/model.onnx
-OWN_OUTPUTS = ("kd_report.json", "kd_report.md", RUN_FILE)
+OWN_OUTPUTS = ("kd_report.json", "kd_report.md", "report.md", "report.json", "report.png", RUN_FILE)
 # options a resumed run may change (more epochs / steps move the end of the LR schedule; intervals)
 CHANGEABLE = ("epochs", "max_steps", "logging_steps", "save_steps", "save_total_limit", "resume", "overwrite",
-              "report_to", "no_report", "latency_batch_size", "eval_batch_size", "output_dir", "config", "export")
+              "report_to", "no_report", "latency_batch_size", "eval_batch_size", "output_dir", "config", "export",
+              "quantize")
 
 
 def _checkpoints(output_dir: str) -> list[str]:
@@ -639,7 +653,7 @@ def run(args: argparse.Namespace) -> dict:
     from .augment import transfer_texts
     from .data import QA_META, KDCollator, add_teacher_inputs, check_tokenizers, load_raw, qa_reference, task_spec, tokenize
     from .extract import load_model, load_tokenizer, resolve_model_source, student_from_spec
-    from .report import build_report, format_report, metrics_fn, model_stats, write_model_card
+    from .report import compression_report, evaluate_model, format_report, metrics_fn, write_model_card
     from .trainer import DistillationTrainer, KDArguments, teacher_logits_from_cache
 
     if args.threads:
@@ -754,10 +768,13 @@ def run(args: argparse.Namespace) -> dict:
     student_metrics = _metrics_only(trainer.evaluate())
     _say(f"student on validation: {json.dumps(student_metrics)}")
     onnx = None
+    want_quantized = args.quantize and not args.no_report
+    saved = None
+    if (args.export == "onnx" or want_quantized) and _is_main_process():
+        saved = _load("saved student", args.output_dir, lambda: load_model(args.output_dir, spec.task_type, "student"))
     if args.export == "onnx" and _is_main_process():
         from .export import export_student_onnx
 
-        saved = _load("saved student", args.output_dir, lambda: load_model(args.output_dir, spec.task_type, "student"))
         onnx = export_student_onnx(saved, _latency_batch(datasets["validation"], collator, args.latency_batch_size),
                                    args.output_dir, spec.task_type)
         _say(f"ONNX: {onnx['path']} (inputs {', '.join(onnx['inputs'])}; dynamic batch and sequence; "
@@ -765,12 +782,23 @@ def run(args: argparse.Namespace) -> dict:
     if args.no_report or not _is_main_process():
         return {}
 
-    report = build_report(
-        model_stats(teacher, _latency_batch(teacher_eval, teacher_collator, args.latency_batch_size), teacher_metrics),
-        model_stats(trainer.model, _latency_batch(datasets["validation"], collator, args.latency_batch_size),
-                    student_metrics),
-        spec.metric,
+    quantized = quantized_metrics = None
+    if want_quantized:
+        from ..shared.export import quantize_dynamic_int8
+
+        quantized = quantize_dynamic_int8(saved)
+        quantized_metrics = evaluate_model(quantized, datasets["validation"], collator, spec.task_type,
+                                           spec.label_names, qa_ref, batch_size=args.eval_batch_size)
+        _say(f"student int8 (dynamic quantisation, CPU) on validation: {json.dumps(quantized_metrics)}")
+    # one measurement code path: the shared report, every model on the CPU, on a tokenised validation batch
+    shared, report = compression_report(
+        teacher, trainer.model, teacher_metrics, student_metrics, main_metric=spec.metric, task_type=spec.task_type,
+        example=_latency_batch(datasets["validation"], collator, args.latency_batch_size),
+        teacher_example=_latency_batch(teacher_eval, teacher_collator, args.latency_batch_size) if separate else None,
+        quantized=quantized, quantized_metrics=quantized_metrics, batch_size=args.latency_batch_size,
     )
+    paths = shared.write(args.output_dir)
+    report["compression_report"] = {k: str(v) for k, v in paths.items()}
     report["task"] = spec.glue_task or spec.task_type
     report["tokenizer_differences"] = differences
     report["student_saved_to"] = os.path.abspath(args.output_dir)
@@ -787,7 +815,8 @@ def run(args: argparse.Namespace) -> dict:
     with open(os.path.join(args.output_dir, "kd_report.md"), "w") as f:
         f.write(table + "\n")
     write_model_card(args.output_dir, report)
-    print(table, flush=True)
+    print(shared.to_text(), flush=True)
+    print(f"[kd-tasks nlp] report: {paths['markdown']}  {paths['json']}  plot: {paths['png']}", flush=True)
     return report
 
 

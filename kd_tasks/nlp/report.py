@@ -1,4 +1,4 @@
-"""Task metrics and the teacher-vs-student report (parameters, size on disk, CPU latency, metric kept).
+"""Task metrics, and the NLP view of the shared compression report (teacher, student, optionally an int8 student).
 
 Metrics follow GLUE's definitions (Wang et al. 2019): accuracy; F1 of the positive class for
 binary tasks (MRPC, QQP); Matthews correlation (CoLA); Pearson and Spearman correlations (STS-B).
@@ -7,15 +7,17 @@ They are computed with scikit-learn and scipy. Token classification is scored by
 the token-level micro F1 over the non-``O`` tags (``token_f1``); extractive QA by SQuAD v1.1 exact match and
 F1 on the answer text (the best span over every sliding window of the context; :func:`squad_scores`), and by
 the predicted start/end token span of each window (``span_exact``, ``span_f1``).
+
+Sizes, FLOPs, latencies and memory are measured by :mod:`kd_tasks.shared.report`, the one implementation every
+task uses: :func:`compression_report` runs it on the CPU for the teacher, the student and (``--quantize``) an int8
+dynamically quantised copy of the student, and turns its rows into ``kd_report.json`` (:func:`build_report`,
+:func:`format_report`, :func:`write_model_card`).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import statistics
-import tempfile
-import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -216,87 +218,222 @@ def metrics_fn(task_type: str, label_names: list[str] | None = None,
     return compute
 
 
-# ----------------------------------------------------------------------------- size and speed
+# ----------------------------------------------------------------------------- evaluation of extra models
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, dataset, collator, task_type: str, label_names: list[str] | None = None,
+                   qa_reference: Mapping[str, Any] | None = None, batch_size: int = 64) -> dict[str, float]:
+    """Task metrics (:func:`task_metrics`) of ``model`` on a tokenised ``dataset``, in eval mode on the CPU (a CPU
+    copy of a model elsewhere), in this process alone: no ``Trainer``, since a dynamically quantised model runs
+    on the CPU only and under ``torchrun`` only the main process gets here. Batches of ``batch_size`` come from
+    ``collator`` in dataset order; per-token predictions and labels (token classification, QA) are padded with
+    -100 along the sequence to the longest batch before they are joined, as the ``Trainer`` joins them. The
+    model is given the batch entries its ``forward`` takes."""
+    import inspect
+
+    model = on_cpu(model)
+    accepted = set(inspect.signature(model.forward).parameters)
+    qa = task_type == "qa"
+    preds: list[list[np.ndarray]] = []
+    labels: list[list[np.ndarray]] = []
+    was = model.training
+    model.eval()
+    try:
+        for first in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
+            inputs = {k: v.cpu() for k, v in batch.items()
+                      if k in accepted and k not in ("labels", "start_positions", "end_positions")}
+            out = model(**inputs)
+            if qa:
+                preds.append([out.start_logits.float().numpy(), out.end_logits.float().numpy()])
+                labels.append([batch["start_positions"].numpy(), batch["end_positions"].numpy()])
+            else:
+                preds.append([out.logits.float().numpy()])
+                labels.append([batch["labels"].numpy()])
+    finally:
+        model.train(was)
+
+    def join(parts: list[np.ndarray]) -> np.ndarray:
+        if parts[0].ndim >= 2 and (qa or task_type == "token"):  # (batch, sequence, ...): pad the sequence
+            longest = max(p.shape[1] for p in parts)
+            parts = [np.pad(p, [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2), constant_values=-100)
+                     for p in parts]
+        return np.concatenate(parts)
+
+    p = [join([b[i] for b in preds]) for i in range(len(preds[0]))]
+    y = [join([b[i] for b in labels]) for i in range(len(labels[0]))]
+    return task_metrics(task_type, tuple(p) if qa else p[0], tuple(y) if qa else y[0], label_names, qa_reference)
+
+
+# ----------------------------------------------------------------------------- the compression report
+
+PERCENT_METRICS = {"qa": ("exact_match", "f1")}  # SQuAD scores are percentages; every other metric is a fraction
+
+
+def metric_fraction(task_type: str, name: str, value: float | None) -> float:
+    """A metric on the shared report's scale (a fraction: 0.85 is shown as 85 %); ``nan`` when it is missing."""
+    if value is None:
+        return float("nan")
+    return float(value) / 100.0 if name in PERCENT_METRICS.get(task_type, ()) else float(value)
+
+
+def on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when its weights are on the CPU, else a CPU copy (the caller's model stays where it is)."""
+    if all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()]):
+        return model
+    return copy.deepcopy(model).to("cpu")
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Number of parameters (tied weights counted once): :func:`kd_tasks.shared.report.count_params`."""
+    from ..shared.report import count_params
+
+    return count_params(model)
 
 
-def weights_size_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights saved as safetensors by ``save_pretrained`` (same format for both models)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.endswith(".safetensors"))
-
-
-@torch.no_grad()
 def cpu_latency_ms(model: nn.Module, batch: Mapping[str, torch.Tensor], repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time in milliseconds of one forward of ``batch`` on the CPU, in eval mode."""
-    cpu_model = copy.deepcopy(model).to("cpu").eval()
-    inputs = {k: v.to("cpu") for k, v in batch.items()}
-    for _ in range(warmup):
-        cpu_model(**inputs)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        cpu_model(**inputs)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    """Median milliseconds of one forward of ``batch`` on the CPU in eval mode (a CPU copy of a model elsewhere),
+    timed by :func:`kd_tasks.shared.report.time_forward`."""
+    from ..shared.report import time_forward
+
+    cpu_model = on_cpu(model)
+    was = cpu_model.training
+    cpu_model.eval()
+    try:
+        return 1000.0 * time_forward(cpu_model, {k: v.to("cpu") for k, v in batch.items()}, warmup=warmup,
+                                     repeats=repeats)
+    finally:
+        cpu_model.train(was)
 
 
-def model_stats(model: nn.Module, batch: Mapping[str, torch.Tensor], metrics: Mapping[str, float], repeats: int = 10) -> dict:
-    """Parameters, weight bytes, CPU latency per batch and task metrics of one model."""
+def model_stats(row: Mapping[str, Any], metrics: Mapping[str, float], batch_size: int, threads: int) -> dict:
+    """One model's entry of ``kd_report.json`` from its row of the shared report
+    (:func:`kd_tasks.shared.report.build_report`, measured on the CPU): parameters, bytes of its saved
+    ``state_dict``, FLOPs per input (torch's flop counter), batch-1 latency, the time of one batch of
+    ``batch_size`` (``batch_size`` / measured throughput), peak forward memory, and its task metrics."""
     return {
-        "parameters": count_parameters(model),
-        "size_bytes": weights_size_bytes(model),
-        "cpu_latency_ms_per_batch": round(cpu_latency_ms(model, batch, repeats=repeats), 3),
-        "latency_batch_size": int(next(iter(batch.values())).shape[0]),
-        "cpu_threads": torch.get_num_threads(),
+        "parameters": int(row["params"]),
+        "size_bytes": int(row["size_bytes"]),
+        "flops_per_input": float(row["flops"]),
+        "latency_ms_batch1": round(float(row["latency_ms"]), 4),
+        "cpu_latency_ms_per_batch": round(1000.0 * batch_size / float(row["throughput"]), 4),
+        "latency_batch_size": int(batch_size),
+        "throughput_per_s": round(float(row["throughput"]), 2),
+        "peak_bytes": int(row["peak_bytes"]),
+        "cpu_threads": int(threads),
         "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
     }
 
 
-def build_report(teacher: Mapping[str, Any], student: Mapping[str, Any], main_metric: str) -> dict:
-    """Side-by-side stats and the ratios: compression, speed-up, % of the teacher's metric retained."""
+def compression_report(teacher: nn.Module, student: nn.Module, teacher_metrics: Mapping[str, float],
+                       student_metrics: Mapping[str, float], *, main_metric: str, task_type: str,
+                       example: Mapping[str, torch.Tensor], teacher_example: Mapping[str, torch.Tensor] | None = None,
+                       quantized: nn.Module | None = None, quantized_metrics: Mapping[str, float] | None = None,
+                       batch_size: int = 32, warmup: int = 5, repeats: int = 30):
+    """The shared compression report (:func:`kd_tasks.shared.report.build_report`) of the teacher, the student
+    and optionally an int8 copy of it, plus the ``kd_report.json`` dict built from the same measurements.
+
+    Every model is measured on the CPU (a CPU copy of a model trained elsewhere), with the current torch thread
+    count, on ``example``: a tokenised validation batch of ``batch_size`` rows (keyword inputs; the teacher on
+    ``teacher_example`` when it reads its own tokenizer's ids). The metrics are not recomputed: each row takes
+    ``main_metric`` from the metrics given (the validation evaluations of the run). Returns ``(report, kd_report)``.
+    """
+    from ..shared.report import ModelEntry, build_report as shared_report
+
+    def value(metrics):
+        return metric_fraction(task_type, main_metric, metrics.get(main_metric))
+
+    entries = [ModelEntry("teacher", on_cpu(teacher), "teacher", metric=value(teacher_metrics),
+                          example=teacher_example),
+               ModelEntry("student", on_cpu(student), "student", metric=value(student_metrics))]
+    if quantized is not None:
+        entries.append(ModelEntry("student int8", quantized, "quantized", metric=value(quantized_metrics or {}),
+                                  flops_from="student", note="torch.ao dynamic int8 (Linear layers)"))
+    notes = [f"All models measured on the CPU on {batch_size} tokenised validation rows (batch-1 latency: the first "
+             f"row); {main_metric} on the validation split."]
+    if quantized is not None:
+        notes.append("student int8: the saved student with torch.ao dynamic int8 quantisation of its Linear layers, "
+                     "evaluated on the validation split on the CPU; FLOPs are the float student's (torch's counter "
+                     "does not count quantised kernels).")
+    rep = shared_report(entries, example, metric_name=main_metric, batch_size=batch_size, warmup=warmup,
+                        repeats=repeats, notes=notes)
+    rows = {r["name"]: r for r in rep.rows}
+    kd = build_report(model_stats(rows["teacher"], teacher_metrics, batch_size, rep.threads),
+                      model_stats(rows["student"], student_metrics, batch_size, rep.threads), main_metric,
+                      quantized=(model_stats(rows["student int8"], quantized_metrics or {}, batch_size, rep.threads)
+                                 if quantized is not None else None))
+    return rep, kd
+
+
+def _retained(metric: float | None, reference: float | None) -> float | None:
+    return round(100.0 * metric / reference, 2) if reference not in (None, 0) and metric is not None else None
+
+
+def build_report(teacher: Mapping[str, Any], student: Mapping[str, Any], main_metric: str,
+                 quantized: Mapping[str, Any] | None = None) -> dict:
+    """Side-by-side stats (:func:`model_stats`) and the ratios: compression, speed-up (teacher time / student time
+    for a batch of ``latency_batch_size``; ``speedup_batch1`` at batch 1), % of the teacher's metric retained.
+    ``quantized`` (the int8 student) goes under ``"quantized"`` with its metric, speed-ups and % retained."""
     t_metric = teacher["metrics"].get(main_metric)
-    s_metric = student["metrics"].get(main_metric)
-    retained = None
-    if t_metric not in (None, 0) and s_metric is not None:
-        retained = round(100.0 * s_metric / t_metric, 2)
-    return {
+
+    def speedup(m, key="cpu_latency_ms_per_batch"):
+        return round(teacher[key] / max(m[key], 1e-9), 3)
+
+    report = {
         "main_metric": main_metric,
         "teacher": dict(teacher),
         "student": dict(student),
         "parameter_ratio": round(student["parameters"] / teacher["parameters"], 4),
         "size_ratio": round(student["size_bytes"] / teacher["size_bytes"], 4),
-        "speedup": round(teacher["cpu_latency_ms_per_batch"] / max(student["cpu_latency_ms_per_batch"], 1e-9), 3),
-        "metric_retained_percent": retained,
+        "speedup": speedup(student),
+        "speedup_batch1": speedup(student, "latency_ms_batch1"),
+        "metric_retained_percent": _retained(student["metrics"].get(main_metric), t_metric),
     }
+    if quantized is not None:
+        metric = quantized["metrics"].get(main_metric)
+        report["quantized"] = {
+            **dict(quantized), "method": "torch.ao.quantization.quantize_dynamic, qint8 weights of Linear layers",
+            "metric": metric, "speedup_vs_teacher": speedup(quantized),
+            "speedup_vs_teacher_batch1": speedup(quantized, "latency_ms_batch1"),
+            "size_ratio": round(quantized["size_bytes"] / teacher["size_bytes"], 4),
+            "metric_retained_percent": _retained(metric, t_metric),
+        }
+    return report
 
 
 def format_report(report: Mapping[str, Any]) -> str:
-    """The report as a Markdown table."""
-    t, s, m = report["teacher"], report["student"], report["main_metric"]
+    """The report as a Markdown table (teacher, student and, when present, the int8 student; ratios to the teacher)."""
+    t, m = report["teacher"], report["main_metric"]
+    models = [("student", report["student"])]
+    if report.get("quantized"):
+        models.append(("student int8", report["quantized"]))
 
     def metric(stats):
-        value = stats["metrics"].get(m)
-        return "n/a" if value is None else f"{value:.4f}"
+        return _fmt(stats["metrics"].get(m))
 
+    def ratio(a, b, fmt="{:.3f}x"):
+        return fmt.format(a / b) if b else "n/a"
+
+    n, threads = t["latency_batch_size"], t["cpu_threads"]
     rows = [
-        ("parameters", f"{t['parameters']:,}", f"{s['parameters']:,}", f"{report['parameter_ratio']:.3f}x"),
-        ("size on disk (MB)", f"{t['size_bytes'] / 1e6:.2f}", f"{s['size_bytes'] / 1e6:.2f}", f"{report['size_ratio']:.3f}x"),
-        (
-            f"CPU latency / batch of {s['latency_batch_size']} (ms, {s['cpu_threads']} threads)",
-            f"{t['cpu_latency_ms_per_batch']:.1f}",
-            f"{s['cpu_latency_ms_per_batch']:.1f}",
-            f"{report['speedup']:.2f}x faster",
-        ),
-        (m, metric(t), metric(s), f"{report['metric_retained_percent']}% retained"),
+        ("parameters", lambda s: f"{s['parameters']:,}", lambda s: ratio(s["parameters"], t["parameters"])),
+        ("size on disk (MB)", lambda s: f"{s['size_bytes'] / 1e6:.2f}",
+         lambda s: ratio(s["size_bytes"], t["size_bytes"])),
+        ("MFLOPs / input", lambda s: f"{s['flops_per_input'] / 1e6:.2f}",
+         lambda s: ratio(s["flops_per_input"], t["flops_per_input"])),
+        (f"CPU latency, batch 1 (ms, {threads} threads)", lambda s: f"{s['latency_ms_batch1']:.2f}",
+         lambda s: ratio(t["latency_ms_batch1"], s["latency_ms_batch1"], "{:.2f}x faster")),
+        (f"CPU time / batch of {n} (ms, {threads} threads)", lambda s: f"{s['cpu_latency_ms_per_batch']:.1f}",
+         lambda s: ratio(t["cpu_latency_ms_per_batch"], s["cpu_latency_ms_per_batch"], "{:.2f}x faster")),
+        ("peak forward memory (MB)", lambda s: f"{s['peak_bytes'] / 1e6:.2f}",
+         lambda s: ratio(s["peak_bytes"], t["peak_bytes"])),
+        (m, metric, lambda s: f"{_retained(s['metrics'].get(m), t['metrics'].get(m))}% retained"),
     ]
-    lines = ["| | teacher | student | student / teacher |", "| --- | --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    head = ["", "teacher"] + [x for name, _ in models for x in (name, f"{name} / teacher")]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for label, cell, rel in rows:
+        lines.append("| " + " | ".join([label, cell(t)] + [x for _, s in models for x in (cell(s), rel(s))]) + " |")
     return "\n".join(lines)
 
 
@@ -326,8 +463,24 @@ def write_model_card(directory: str, report: Mapping[str, Any]) -> str:
     lines.append(f"- seed {recipe.get('seed')}, max length {recipe.get('max_length')}, batch {recipe.get('batch_size')}")
     lines += ["", "## Evaluation (validation split)", "", format_report(report), "",
               f"Main metric: `{m}`; {report.get('metric_retained_percent')} % of the teacher's.",
-              f"Parameters {s['parameters']:,} (teacher {t['parameters']:,}).", ""]
+              f"Parameters {s['parameters']:,} (teacher {t['parameters']:,}). Sizes are bytes of the saved "
+              f"`state_dict`; times are medians of repeated forward passes on the CPU with {t['cpu_threads']} "
+              f"thread(s) (`report.md`, `report.json`, `report.png`: the full compression report)."]
+    q = report.get("quantized")
+    if q:
+        lines += ["", "## int8 (dynamic quantisation)", "",
+                  f"`kd_tasks.shared.export.quantize_dynamic_int8(model)` (torch.ao dynamic quantisation, int8 weights "
+                  f"of the Linear layers, CPU) gives a student that scores {m} {_fmt(q.get('metric'))} on the "
+                  f"validation split ({q.get('metric_retained_percent')} % of the teacher's), "
+                  f"{q['speedup_vs_teacher']:.2f}x the teacher's CPU speed on a batch of {q['latency_batch_size']} "
+                  f"({q['speedup_vs_teacher_batch1']:.2f}x at batch 1), {q['size_bytes'] / 1e6:.2f} MB. "
+                  "It is not saved here: quantise the loaded student at deployment."]
+    lines.append("")
     path = os.path.join(directory, "README.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -104,14 +104,26 @@ def repeat_to(inputs: Any, n: int) -> Any:
     return rep(inputs)
 
 
+def _cpu_attention_flops() -> dict:
+    """torch's counter has formulas for the CUDA kernels of ``scaled_dot_product_attention`` but not for the
+    CPU one (what e.g. Hugging Face encoders call on the CPU); the same formula (two batched matmuls) for it."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+    return {op: lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+
+
 def count_flops(model: nn.Module, inputs: Any) -> float:
-    """FLOPs of one forward pass per input (``FlopCounterMode`` total / batch size); 0 for ops torch
+    """FLOPs of one forward pass per input (``FlopCounterMode`` total / batch size; attention run by
+    the CPU kernel of ``scaled_dot_product_attention`` counted like its CUDA kernels); 0 for ops torch
     does not count (e.g. quantised kernels)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
     with torch.inference_mode(), counter:
         _call(model, inputs)
     model.train(was)
@@ -280,6 +292,7 @@ class ModelEntry:
     per_seed: list[float] | None = None
     note: str = ""
     flops_from: str | None = None  # quantised copies: FLOPs of the float model they come from
+    example: Any = None  # this model's own inputs when they differ from the report's (e.g. another tokenizer)
 
 
 @dataclass
@@ -362,7 +375,9 @@ def build_report(entries: Sequence[ModelEntry], example: Any, *, metric_name: st
                  notes: Sequence[str] = ()) -> Report:
     """Measure every entry (see the module docstring). Exactly one entry has ``role="teacher"``; it is the
     reference of ``retained``, ``speedup`` and the figure of merit. ``example`` is a batch of real
-    evaluation inputs (repeated to ``batch_size`` for throughput and memory)."""
+    evaluation inputs (repeated to ``batch_size`` for throughput and memory): a tensor, a tuple of them
+    (positional arguments) or a mapping of them (keyword arguments, e.g. a tokenised batch for a Hugging
+    Face model); an entry with its own ``example`` is measured on that instead."""
     from .errors import KDConfigError
 
     teachers = [e for e in entries if e.role == "teacher"]
@@ -376,7 +391,8 @@ def build_report(entries: Sequence[ModelEntry], example: Any, *, metric_name: st
     rows = []
     by_name: dict[str, dict] = {}
     for e in entries:
-        row = {"name": e.name, "role": e.role, "note": e.note, **measure(e.model, example, batch_size=batch_size,
+        inputs = e.example if e.example is not None else example
+        row = {"name": e.name, "role": e.role, "note": e.note, **measure(e.model, inputs, batch_size=batch_size,
                                                                           warmup=warmup, repeats=repeats)}
         if e.flops_from is not None and e.flops_from in by_name:
             row["flops"] = by_name[e.flops_from]["flops"]

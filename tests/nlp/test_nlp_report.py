@@ -10,7 +10,9 @@ import torch
 import transformers
 from nlp_helpers import tiny_config
 
-from kd_tasks.nlp.report import build_report, count_parameters, format_report, model_stats, task_metrics
+from kd_tasks.nlp.report import (compression_report, count_parameters, cpu_latency_ms, format_report, metric_fraction,
+                                  task_metrics)
+from kd_tasks.shared.export import quantize_dynamic_int8
 
 
 def test_classification_metrics_on_a_hand_made_case():
@@ -61,20 +63,69 @@ def test_qa_span_metrics():
     assert m["span_f1"] == pytest.approx((1 + 2 * p * r / (p + r)) / 2)
 
 
+def _state_dict_bytes(model) -> int:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
 def test_report_ratios_and_table():
     torch.manual_seed(0)
     big = transformers.BertForSequenceClassification(tiny_config(30, layers=4))
     small = transformers.BertForSequenceClassification(tiny_config(30, layers=1))
     batch = {"input_ids": torch.randint(5, 30, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long)}
-    t = model_stats(big, batch, {"accuracy": 0.9}, repeats=2)
-    s = model_stats(small, batch, {"accuracy": 0.81}, repeats=2)
+    q = quantize_dynamic_int8(small)
+    shared, report = compression_report(big, small, {"accuracy": 0.9}, {"accuracy": 0.81}, main_metric="accuracy",
+                                        task_type="classification", example=batch, quantized=q,
+                                        quantized_metrics={"accuracy": 0.72}, batch_size=4, warmup=1, repeats=3)
+    t, s = report["teacher"], report["student"]
     assert t["parameters"] == count_parameters(big) == sum(p.numel() for p in big.parameters())
-    assert t["size_bytes"] > s["size_bytes"] > 4 * s["parameters"] * 0.9
-    report = build_report(t, s, "accuracy")
+    assert s["parameters"] == sum(p.numel() for p in small.parameters())
+    assert t["size_bytes"] == _state_dict_bytes(big) and s["size_bytes"] == _state_dict_bytes(small)
+    assert report["quantized"]["size_bytes"] == _state_dict_bytes(q) < 0.8 * s["size_bytes"]
     assert report["metric_retained_percent"] == pytest.approx(90.0)
+    assert report["quantized"]["metric_retained_percent"] == pytest.approx(80.0)
     assert report["parameter_ratio"] == pytest.approx(s["parameters"] / t["parameters"], abs=1e-4)
+    assert report["speedup"] == pytest.approx(t["cpu_latency_ms_per_batch"] / s["cpu_latency_ms_per_batch"], abs=2e-3)
+    assert [r["metric"] for r in shared.rows] == [0.9, 0.81, 0.72]
+    assert shared.rows[2]["flops"] == shared.rows[1]["flops"] > 0  # the int8 row: the float student's FLOPs
     table = format_report(report)
-    assert "90.0% retained" in table and "parameters" in table
+    assert "90.0% retained" in table and "80.0% retained" in table and "| student int8 |" in table
+
+
+def test_squad_percentages_become_fractions_in_the_shared_report():
+    assert metric_fraction("qa", "f1", 85.0) == pytest.approx(0.85)
+    assert metric_fraction("qa", "span_f1", 0.5) == 0.5 and metric_fraction("classification", "f1", 0.5) == 0.5
+    assert math.isnan(metric_fraction("classification", "accuracy", None))
+
+
+def test_teacher_with_its_own_tokenizer_is_measured_on_its_own_inputs():
+    """The teacher reads a 30-word vocabulary, the student a 60-word one: the teacher row is timed on the teacher's
+    batch (9 tokens; the student's ids would be out of its range), its FLOPs those of 9 tokens."""
+    torch.manual_seed(0)
+    h, i = 32, 64
+    teacher = transformers.BertForSequenceClassification(tiny_config(30, layers=2))
+    student = transformers.BertForSequenceClassification(tiny_config(60, layers=1))
+    mine = {"input_ids": torch.randint(30, 60, (4, 5)), "attention_mask": torch.ones(4, 5, dtype=torch.long)}
+    theirs = {"input_ids": torch.randint(5, 30, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long)}
+    shared, _ = compression_report(teacher, student, {"accuracy": 1.0}, {"accuracy": 1.0}, main_metric="accuracy",
+                                   task_type="classification", example=mine, teacher_example=theirs, batch_size=4,
+                                   warmup=1, repeats=3)
+
+    def flops(layers, n):
+        return layers * (n * (8 * h * h + 4 * h * i) + 4 * n * n * h) + 2 * h * h + 2 * h * 2
+
+    assert shared.rows[0]["flops"] == pytest.approx(flops(2, 9))
+    assert shared.rows[1]["flops"] == pytest.approx(flops(1, 5))
+
+
+def test_cpu_latency_is_the_shared_timer_on_a_cpu_copy():
+    model = transformers.BertForSequenceClassification(tiny_config(30, layers=1)).train()
+    batch = {"input_ids": torch.randint(5, 30, (2, 5))}
+    assert cpu_latency_ms(model, batch, repeats=3, warmup=1) > 0
+    assert model.training  # the caller's mode is restored
 
 
 def test_entity_f1_on_hand_made_iob_tags():
