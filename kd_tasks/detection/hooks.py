@@ -1,6 +1,7 @@
 """MMEngine hooks for :class:`~kd_tasks.detection.distiller.DetectionDistiller` runs.
 
-``kd-tasks detect`` adds all four; in a config of your own::
+``kd-tasks detect`` adds the first four, the compression report unless ``--no-report``, and the ONNX
+export with ``--export onnx``; in a config of your own::
 
     custom_imports = dict(imports=["kd_tasks.detection"], allow_failed_imports=False)
     custom_hooks = [
@@ -8,6 +9,8 @@
         dict(type="TeacherCheckHook"),       # is the teacher really trained and loaded?
         dict(type="SafeCheckpointHook"),     # checkpoints that torch.load(weights_only=True) reads
         dict(type="StudentExportHook"),      # work_dir/student.pth + student_config.py for plain mmdet
+        dict(type="CompressionReportHook"),  # work_dir/report.md/.json/.png: teacher vs student
+        dict(type="OnnxExportHook"),         # work_dir/student.onnx (raw head tensors) + student_onnx.json
     ]
 """
 
@@ -31,9 +34,15 @@ from kd_tasks.shared.schedules import Constant
 
 from .checkpoint import make_weights_only, restore_weights_only
 from .distiller import DetectionDistiller
+from .export import (config_input_size, detection_report, evaluate_detector, example_input, export_detector_onnx,
+                     pick_metric)
 
-__all__ = ["DistillStepHook", "TeacherCheckHook", "StudentExportHook", "SafeCheckpointHook", "distiller_of",
-           "export_student", "total_loss"]
+__all__ = ["DistillStepHook", "TeacherCheckHook", "StudentExportHook", "SafeCheckpointHook", "OnnxExportHook",
+           "CompressionReportHook", "distiller_of", "export_student", "total_loss", "KD_HOOK_TYPES"]
+
+# the hooks of this module: none of them goes into the student_config.py written for plain MMDetection
+KD_HOOK_TYPES = ("DistillStepHook", "TeacherCheckHook", "StudentExportHook", "SafeCheckpointHook", "OnnxExportHook",
+                 "CompressionReportHook")
 
 
 def distiller_of(runner) -> DetectionDistiller:
@@ -202,8 +211,7 @@ class StudentExportHook(Hook):
         try:
             cfg = Config(runner.cfg.to_dict())
             cfg.model = cfg.model["student"]
-            ours = {"DistillStepHook", "TeacherCheckHook", "StudentExportHook", "SafeCheckpointHook"}
-            cfg.custom_hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") not in ours]
+            cfg.custom_hooks = [h for h in cfg.get("custom_hooks", []) if h.get("type") not in KD_HOOK_TYPES]
             cfg.pop("custom_imports", None)
             cfg.dump(str(path))
         except Exception as e:  # the weights are saved; the config is a convenience
@@ -234,3 +242,138 @@ class SafeCheckpointHook(Hook):
         saved = (checkpoint.get("meta") or {}).get("kd_run_identity")
         check_identity(saved, distiller_of(runner).run_identity, getattr(runner, "_load_from", None) or "the checkpoint")
         restore_weights_only(checkpoint)
+
+
+def _size(input_size: Any) -> tuple[int, int] | None:
+    """A hook's ``input_size`` argument as ``(height, width)`` (an int is a square), refused in one line if odd."""
+    if input_size is None:
+        return None
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise KDConfigError(f"input_size must be (height, width) in pixels, got {input_size!r}")
+    return size
+
+
+def _example_of(runner, detector, input_size: tuple[int, int] | None) -> tuple[torch.Tensor, str]:
+    """One preprocessed validation image at the detector's test input size, and where that size comes from:
+    the hook's ``input_size``, else the fixed resize of the config's test pipeline (padded as the data
+    preprocessor pads), else the first validation image's own shape."""
+    loader = runner.val_loop.dataloader if getattr(runner, "_val_loop", None) is not None else None
+    if input_size is not None:
+        size, source = input_size, "the hook's input_size"
+    else:
+        pad = int(getattr(getattr(detector, "data_preprocessor", None), "pad_size_divisor", 1) or 1)
+        found = config_input_size(getattr(runner, "cfg", None), pad)
+        size, source = found or (None, "the first validation image (no fixed-scale resize in the test pipeline)")
+    return example_input(detector, size, loader), source
+
+
+@HOOKS.register_module()
+class OnnxExportHook(Hook):
+    """After training, writes ``<work_dir>/<filename>``: the student's tensor forward as ONNX (the raw head
+    outputs, not an end-to-end detector: box decoding and NMS stay in MMDetection / mmdeploy), checked
+    against PyTorch with onnxruntime, and ``<stem>_onnx.json`` saying what the graph takes and gives (see
+    :func:`kd_tasks.detection.export.export_detector_onnx`). Main process only. ``input_size``:
+    ``(height, width)`` of the export, default the config's test input size; ``atol`` / ``rtol``: the
+    tolerance of the check (a larger difference is refused)."""
+
+    priority = "LOW"
+
+    def __init__(self, filename: str = "student.onnx", input_size: Any = None, atol: float = 1e-3,
+                 rtol: float = 1e-3, opset: int = 17):
+        if not str(filename).endswith(".onnx"):
+            raise KDConfigError(f"OnnxExportHook filename must end in .onnx, got {filename!r}")
+        if not (float(atol) >= 0 and float(rtol) >= 0):
+            raise KDConfigError(f"OnnxExportHook atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
+        self.filename, self.input_size = str(filename), _size(input_size)
+        self.atol, self.rtol, self.opset = float(atol), float(rtol), int(opset)
+        self.record: dict[str, Any] = {}
+
+    def after_train(self, runner) -> None:
+        if not is_main_process():
+            return
+        student = distiller_of(runner).student
+        example, source = _example_of(runner, student, self.input_size)
+        path = Path(runner.work_dir) / self.filename
+        self.record = export_detector_onnx(student, example, path, atol=self.atol, rtol=self.rtol, opset=self.opset,
+                                           meta={"input_size_from": source, "iter": int(runner.iter)})
+        h, w = example.shape[-2:]
+        print_log(f"OnnxExportHook: {path} written (input {h}x{w} from {source}; outputs "
+                  f"{', '.join(o['name'] for o in self.record['outputs'])}); onnxruntime matches PyTorch within "
+                  f"{self.record['check']['max_abs_diff']:.3g}. The graph gives raw head tensors, not boxes: "
+                  f"decoding and NMS stay in MMDetection / mmdeploy (see {path.stem}_onnx.json)", logger="current")
+
+
+@HOOKS.register_module()
+class CompressionReportHook(Hook):
+    """After training, the shared compression report of teacher and student in ``<work_dir>/<stem>.md``,
+    ``.json`` and ``.png`` (:func:`kd_tasks.detection.export.detection_report`): params, FLOPs per image,
+    size on disk, latency, throughput and peak memory of their tensor forward at the test input size, and
+    the validation mAP.
+
+    The student's metric is the last validation result of the run (``metric_key``, default the first
+    ``*bbox_mAP`` / ``*mAP``; a validation pass is run if the run made none). The teacher's metric comes from
+    one validation pass of the teacher (its own data preprocessor and ``test_cfg``) through the run's
+    evaluator on the same set, on every process; ``teacher_metric=False`` skips it and leaves the teacher's
+    metric empty, saying so in the report (the teacher check measures the teacher's loss, not its mAP).
+    The report itself is measured and written by the main process.
+    """
+
+    priority = "LOW"
+
+    def __init__(self, teacher_metric: bool = True, metric_key: str | None = None, input_size: Any = None,
+                 batch_size: int = 2, warmup: int = 2, repeats: int = 10, stem: str = "report"):
+        if int(batch_size) < 1 or int(repeats) < 1 or int(warmup) < 0:
+            raise KDConfigError(f"CompressionReportHook needs batch_size >= 1, repeats >= 1, warmup >= 0; got "
+                                f"batch_size={batch_size}, repeats={repeats}, warmup={warmup}")
+        self.teacher_metric, self.metric_key, self.input_size = bool(teacher_metric), metric_key, _size(input_size)
+        self.batch_size, self.warmup, self.repeats, self.stem = int(batch_size), int(warmup), int(repeats), str(stem)
+        self.metrics: dict[str, Any] | None = None
+        self.paths: dict[str, Path] = {}
+
+    def before_train(self, runner) -> None:
+        if getattr(runner, "_val_loop", None) is None:
+            raise KDConfigError("the compression report's metric is the student's validation mAP, and this run has "
+                                "no validation (val_dataloader, val_cfg, val_evaluator)",
+                                hint="add them to the student config, or skip the report (kd-tasks detect --no-report)")
+
+    def after_val_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
+        self.metrics = dict(metrics or {})
+
+    def after_train(self, runner) -> None:
+        model = distiller_of(runner)
+        if self.metrics is None:  # e.g. resumed at the end of its schedule: no validation ran in this process
+            runner.val_loop.run()
+        key, student_metric = pick_metric(self.metrics or {}, self.metric_key)
+        notes = []
+        if student_metric is None:
+            notes.append("The student's metric is empty: its last validation gave no metrics (see the log: e.g. no "
+                         "detection above the score threshold, or format_only).")
+        teacher_metric = None
+        if self.teacher_metric:
+            loop = runner.val_loop
+            teacher_key, teacher_metric = pick_metric(evaluate_detector(model.teacher, loop.dataloader, loop.evaluator),
+                                                      key)
+            key = key or teacher_key
+            if teacher_metric is None:
+                notes.append("The teacher's metric is empty: its validation pass gave no metrics (see the log).")
+            else:
+                notes.append("The teacher's: one validation pass of the teacher (its own data preprocessor and "
+                             "test_cfg) through the same evaluator after training.")
+        else:
+            notes.append("The teacher's metric is empty (so are its share kept and the figures of merit): its "
+                         "validation pass was skipped (--no-teacher-val); the teacher check measures the teacher's "
+                         "detection loss, not its mAP.")
+        if not is_main_process():
+            return
+        notes.insert(0, f"Metric: {key or 'bbox mAP'} on the validation set; the student's is the run's last "
+                        f"validation result (iteration {int(runner.iter)}).")
+        example, source = _example_of(runner, model.student, self.input_size)
+        notes.append(f"Input size from {source}; the teacher is measured at the student's input size (the run feeds "
+                     "both the same images).")
+        report, self.paths = detection_report(
+            model.student, model.teacher, example, runner.work_dir, student_metric=student_metric,
+            teacher_metric=teacher_metric, metric_name=f"val {key or 'bbox mAP'}", notes=notes,
+            batch_size=self.batch_size, warmup=self.warmup, repeats=self.repeats, stem=self.stem)
+        print_log("CompressionReportHook:\n" + report.to_text() + f"\nreport: {self.paths['markdown']}  "
+                  f"{self.paths['json']}  plot: {self.paths.get('png')}", logger="current")

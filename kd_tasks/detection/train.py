@@ -6,6 +6,11 @@ teacher (from its own config file and checkpoint) and the recipe's terms. Multi-
 runs go through MMEngine's ``pytorch`` launcher: start the command with ``torchrun`` (or
 ``accelerate launch``) and pass ``--launcher pytorch``; on a machine without GPUs the same command
 trains with CPU processes over gloo (see :func:`_cpu_processes`).
+
+After training the run writes the student alone (``student.pth`` + ``student_config.py``), the compression
+report of teacher and student (``report.md/.json/.png``; ``--no-report`` skips it) and, with ``--export
+onnx``, ``student.onnx``: the student's raw head tensors, checked against PyTorch with onnxruntime (see
+:mod:`kd_tasks.detection.export`).
 """
 
 from __future__ import annotations
@@ -34,12 +39,17 @@ EPILOG = """example (RetinaNet R50 teacher -> R18 student, channel-wise distilla
 The recipe (YAML, JSON or .py) holds a `distill` section (terms: name, loss, student/teacher taps such as
 'neck@P3' (the FPN level of stride 8) or 'bbox_head:0@P3', weight, connector; optional task_weight for the student's own losses, teacher_dtype)
 and optionally `cfg_options` (dotted config keys, e.g. optim_wrapper.clip_grad.max_norm: 10).
-The run writes <work-dir>/student.pth and student_config.py, usable by plain MMDetection.
+The run writes <work-dir>/student.pth and student_config.py, usable by plain MMDetection, and the
+compression report of teacher and student (report.md/.json/.png: params, FLOPs, size, latency, memory,
+validation mAP; --no-report skips it). --export onnx adds student.onnx (+ student_onnx.json): the student's
+raw head tensors (class scores and box regressions per FPN level) at the test input size, checked against
+PyTorch with onnxruntime -- not an end-to-end detector: box decoding and NMS stay in MMDetection / mmdeploy.
 """
 
 RECIPE_KEYS = ("distill", "cfg_options")
 CHECKPOINTS = ("iter_*.pth", "epoch_*.pth")  # MMEngine's checkpoint files in a work dir
 KD_HOOKS = ("DistillStepHook", "TeacherCheckHook", "SafeCheckpointHook", "StudentExportHook")
+EXPORTS = ("onnx",)  # --export formats
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="resume: the latest checkpoint in --work-dir, or the given one")
     p.add_argument("--overwrite", action="store_true",
-                   help="train into a --work-dir that holds an earlier run: its checkpoints and exported student are "
-                        "removed first (other files stay); without it a used --work-dir is refused")
+                   help="train into a --work-dir that holds an earlier run: its checkpoints, exported student and "
+                        "report are removed first (other files stay); without it a used --work-dir is refused")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none",
                    help="'pytorch' under torchrun / accelerate launch (multi-GPU, multi-machine)")
     p.add_argument("--teacher-not-strict", action="store_true",
@@ -77,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do when the teacher's detection loss is not clearly below that of the same detector "
                         "untrained (default: raise, i.e. stop before training; a TeacherCheckHook in the student "
                         "config's custom_hooks keeps its own setting unless this flag is given)")
+    p.add_argument("--export", choices=EXPORTS, default=None,
+                   help="after training also export the student: 'onnx' writes student.onnx (its raw head tensors at "
+                        "the test input size, checked against PyTorch with onnxruntime; box decoding and NMS are not "
+                        "in the graph) and student_onnx.json")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip the compression report of teacher and student (report.md/.json/.png)")
+    p.add_argument("--no-teacher-val", dest="teacher_val", action="store_false",
+                   help="report: do not run the one validation pass of the teacher that gives its mAP (its metric "
+                        "stays empty)")
     p.add_argument("--cfg-options", nargs="+", action=from_mmengine, default=None, metavar="KEY=VALUE",
                    help="override config keys, e.g. train_dataloader.batch_size=4 model.distill.task_weight=0.5")
     return p
@@ -202,13 +221,24 @@ def latest_intact_checkpoint(work_dir: Path) -> str | None:
 
 def _kd_hooks(hooks: list, args: argparse.Namespace) -> list:
     """The config's custom hooks with every kd-tasks hook present once: a user's own settings of a kd-tasks
-    hook are kept (``--teacher-check`` overrides that hook's ``on_fail``); missing ones are added."""
-    hooks = [dict(h) for h in hooks]
+    hook are kept (``--teacher-check`` overrides that hook's ``on_fail``, ``--no-teacher-val`` the report's
+    ``teacher_metric``); missing ones are added. The report (``CompressionReportHook``) comes unless
+    ``--no-report`` (which also drops one the config has), the ONNX export (``OnnxExportHook``) with
+    ``--export onnx``; both after ``StudentExportHook``."""
+    wanted = list(KD_HOOKS)
+    report = getattr(args, "report", True)
+    if report:
+        wanted.append("CompressionReportHook")
+    if getattr(args, "export", None) == "onnx":
+        wanted.append("OnnxExportHook")
+    hooks = [dict(h) for h in hooks if report or h.get("type") != "CompressionReportHook"]
     present = {h.get("type") for h in hooks}
-    hooks += [dict(type=name) for name in KD_HOOKS if name not in present]
+    hooks += [dict(type=name) for name in wanted if name not in present]
     for hook in hooks:
         if hook.get("type") == "TeacherCheckHook" and args.teacher_check is not None:
             hook["on_fail"] = args.teacher_check
+        if hook.get("type") == "CompressionReportHook" and not getattr(args, "teacher_val", True):
+            hook["teacher_metric"] = False
     return hooks
 
 
@@ -276,13 +306,14 @@ def run(cfg) -> Any:
     return runner
 
 
-RUN_OUTPUTS = (*CHECKPOINTS, "last_checkpoint", "student.pth", "student_config.py")
+RUN_OUTPUTS = (*CHECKPOINTS, "last_checkpoint", "student.pth", "student_config.py", "student.onnx", "student_onnx.json",
+               "report.md", "report.json", "report.png")
 
 
 def check_work_dir(args: argparse.Namespace) -> None:
     """Refuse a ``--work-dir`` that holds another run (its checkpoints would be mixed with this run's and its
     exported student overwritten) unless ``--resume`` or ``--overwrite``; ``--overwrite`` removes that run's
-    checkpoints and export, nothing else. Only the main process removes files."""
+    checkpoints, exports and report, nothing else. Only the main process removes files."""
     work = Path(args.work_dir)
     if work.exists() and not work.is_dir():
         raise KDConfigError(f"--work-dir {args.work_dir!r} is a file", hint="give a directory path")
