@@ -22,7 +22,11 @@ Verdict per comparison: a gain is shown only when the mean paired difference exc
 deviations of the paired differences. The KD step cost is measured in the same run: a training step of
 the student alone, a teacher forward, a KD step with the live teacher and one with cached logits.
 
-    .venv/bin/python benchmarks/nlp_transfer_ablation.py --seeds 0 1 2 --threads 1
+    .venv/bin/python benchmarks/nlp_transfer_ablation.py --seeds 0 1 2 3 4 --threads 1
+
+After the rows, the students of rows B and D are quantised to int8 (dynamic, Linear layers) and scored and
+timed against the float32 teacher: halving the depth alone cannot reach a 2x speed-up, since the embeddings
+and the head cost the same in both models.
 """
 
 from __future__ import annotations
@@ -197,6 +201,62 @@ def step_costs(teacher_dir: str, student_dir: str, csv_path: str, transfer_file:
     return out
 
 
+def int8_rows(teacher_dir: str, valid_csv: str, work: str, letters: list[str], seeds: list[int], args) -> dict:
+    """Each saved student of rows ``letters`` dynamically quantised to int8 (the shared
+    ``quantize_dynamic_int8``: Linear weights in int8, activations quantised on the fly), scored on the
+    validation sentences, and timed against the float32 teacher and the float32 student at the latency batch:
+    the three forwards interleaved call by call (the shared ``time_forward``, 1 warm-up, median of
+    ``--int8-repeats`` rounds), so a change in load hits all three alike. The float32 accuracy recomputed here
+    must equal the run's own report (a check that this evaluation reads the data as the run did)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kd_tasks.nlp.data import KDCollator, load_raw, task_spec, tokenize
+    from kd_tasks.shared.export import quantize_dynamic_int8
+    from kd_tasks.shared.report import size_on_disk, time_forward
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    raw = load_raw(train_file=valid_csv, validation_file=valid_csv)
+    spec = task_spec(raw, "classification")
+    data = tokenize(raw["validation"], tok, spec, args.max_length, with_index=False)
+    collator = KDCollator(tok)
+    batches = [collator([data[j] for j in range(i, min(i + 128, len(data)))]) for i in range(0, len(data), 128)]
+    timing = {k: v for k, v in collator([data[j] for j in range(args.latency_batch)]).items() if k != "labels"}
+
+    def score(model) -> float:
+        correct = 0
+        with torch.inference_mode():
+            for b in batches:
+                inputs = {k: v for k, v in b.items() if k != "labels"}
+                correct += int((model(**inputs).logits.argmax(-1) == b["labels"]).sum())
+        return correct / len(data)
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    teacher_q = quantize_dynamic_int8(teacher).eval()  # for context: quantisation speeds the teacher up too
+    out = {"teacher_size_bytes": size_on_disk(teacher), "teacher_int8_accuracy": score(teacher_q), "rows": {}}
+    for letter in letters:
+        for seed in seeds:
+            run_dir = os.path.join(work, "runs", letter, f"seed{seed}")
+            reported = json.load(open(os.path.join(run_dir, "kd_report.json")))["student"]["metrics"]["accuracy"]
+            student = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
+            fp32 = score(student)
+            if abs(fp32 - reported) > 1e-9:
+                raise SystemExit(f"row {letter} seed {seed}: float32 accuracy {fp32} here vs {reported} in its report")
+            q = quantize_dynamic_int8(student).eval()
+            times: dict[str, list[float]] = {"teacher": [], "teacher_int8": [], "student": [], "int8": []}
+            for _ in range(args.int8_repeats):
+                for name, m in (("teacher", teacher), ("teacher_int8", teacher_q), ("student", student), ("int8", q)):
+                    times[name].append(time_forward(m, timing, warmup=1, repeats=1))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {"accuracy_fp32": fp32, "accuracy_int8": score(q), "size_bytes_fp32": size_on_disk(student),
+                   "size_bytes_int8": size_on_disk(q), "latency_s": med,
+                   "speedup_fp32": med["teacher"] / med["student"], "speedup_int8": med["teacher"] / med["int8"],
+                   "speedup_int8_vs_teacher_int8": med["teacher_int8"] / med["int8"]}
+            out["rows"].setdefault(letter, []).append(row)
+            print(f"[bench] int8 {letter} seed {seed}: accuracy {fp32:.4f} -> {row['accuracy_int8']:.4f}, speed-up vs "
+                  f"teacher {row['speedup_fp32']:.2f}x -> {row['speedup_int8']:.2f}x", flush=True)
+    return out
+
+
 def mean_sd(values) -> str:
     values = list(values)
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
@@ -222,6 +282,22 @@ def summarise(results: dict, seeds: list[int]) -> str:
                  for x, y in zip(by_letter[a], by_letter[b])]
         mean, sd, word = verdict(diffs)
         lines.append(f"| {what} | {a} − {b} | {', '.join(f'{d:+.4f}' for d in diffs)} | {mean:+.4f} ± {sd:.4f} | {word} |")
+    q = results.get("int8")
+    if q:
+        t_acc = results["teacher_accuracy"]
+        lines += ["", f"int8 dynamic quantisation of the saved students (latency batch {results['settings']['latency_batch']}, "
+                  f"teacher float32, forwards interleaved):", "",
+                  f"int8 teacher for context: accuracy {q['teacher_int8_accuracy']:.4f}.", "",
+                  "| row | accuracy float32 → int8 | % of teacher (int8) | speed-up vs teacher, float32 → int8 | "
+                  "size float32 → int8 | int8 student vs int8 teacher |", "| --- | --- | --- | --- | --- | --- |"]
+        for letter, reps in q["rows"].items():
+            f32, i8 = [r["accuracy_fp32"] for r in reps], [r["accuracy_int8"] for r in reps]
+            s32, s8 = [r["speedup_fp32"] for r in reps], [r["speedup_int8"] for r in reps]
+            lines.append(f"| {letter} | {mean_sd(f32)} → {mean_sd(i8)} (per seed {', '.join(f'{a:.4f}' for a in i8)}) | "
+                         f"{100 * statistics.mean(i8) / t_acc:.1f} | {statistics.median(s32):.2f}x → "
+                         f"{statistics.median(s8):.2f}x (int8 per seed {', '.join(f'{x:.2f}' for x in s8)}) | "
+                         f"{reps[0]['size_bytes_fp32'] / 1e6:.1f} MB → {reps[0]['size_bytes_int8'] / 1e6:.1f} MB | "
+                         f"{statistics.median(r['speedup_int8_vs_teacher_int8'] for r in reps):.2f}x |")
     c = results.get("step_costs")
     if c:
         lines += ["", f"KD step cost (batch {results['settings']['batch_size']}, median s/step): student alone "
@@ -255,6 +331,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", help="letters of the rows to run (default: all)")
     p.add_argument("--cost-steps", type=int, default=12, help="batches timed per mode (0: skip the step costs)")
     p.add_argument("--latency-batch", type=int, default=8, help="batch size of the CPU latency measurement")
+    p.add_argument("--int8-rows", nargs="*", default=["B", "D"], help="rows whose students are also scored in int8")
+    p.add_argument("--int8-repeats", type=int, default=30, help="timed rounds of the int8 latency comparison")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -303,8 +381,7 @@ def main(argv=None) -> int:
                 argv = [a for a in argv if a != "--overwrite"] + ["--resume"]
             marker = os.path.join(out, "bench_argv.json")
             done = os.path.join(out, "kd_report.json")
-            adopt = f"{letter}{seed}" in os.environ.get("KD_BENCH_ADOPT", "").split(",")  # finished, unmarked
-            if os.path.isfile(done) and (adopt or (os.path.isfile(marker) and json.load(open(marker)) == argv)):
+            if os.path.isfile(done) and os.path.isfile(marker) and json.load(open(marker)) == argv:
                 report = json.load(open(done))  # this exact run finished earlier: reuse it
                 report.setdefault("wall_seconds", float("nan"))
                 print(f"[bench] {name} seed {seed}: reused ({report['student']['metrics']['accuracy']:.4f})", flush=True)
@@ -328,6 +405,9 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=str)
         return 0
+    if args.int8_rows:
+        letters = [x for x in args.int8_rows if any(n.startswith(x + ":") for n in results["rows"])]
+        results["int8"] = int8_rows(teacher_dir, csvs["validation"], args.work_dir, letters, args.seeds, args)
     results["table"] = summarise(results, args.seeds)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, default=str)
