@@ -78,6 +78,32 @@ def test_report_rows_files_and_plot(tmp_path):
     assert is_png(paths["png"])
 
 
+class OutsideTorch(nn.Module):
+    """A model torch's counters cannot see (like a dlib or onnxruntime teacher): numpy does the work."""
+
+    def forward(self, x):
+        w = torch.ones(64, 10).numpy()
+        return torch.from_numpy(x.flatten(1).numpy() @ w)
+
+
+def test_a_teacher_run_outside_torch_takes_figures_measured_elsewhere_and_latency_speed_ups(tmp_path):
+    x = torch.randn(8, 1, 8, 8)
+    rep = build_report([ModelEntry("teacher", OutsideTorch(), "teacher", metric=0.9,
+                                   measured={"params": 640, "size_bytes": 12345, "peak_bytes": float("nan")}),
+                        ModelEntry("student", mlp(32), metric=0.81)], x, batch_size=8, repeats=3)
+    t, s = rep.rows
+    assert t["params"] == 640 and t["size_bytes"] == 12345 and t["flops"] == 0
+    assert s["speedup"] == pytest.approx(t["latency_ms"] / s["latency_ms"]) == pytest.approx(s["speedup_latency"])
+    assert s["fom"] == pytest.approx(figure_of_merit(0.9, s["speedup_latency"]))
+    assert any("latency ratio" in n for n in rep.notes)
+    paths = rep.write(tmp_path)
+    data = json.loads(paths["json"].read_text())  # strict JSON: the unmeasured peak is null, not NaN
+    assert data["rows"][0]["peak_bytes"] is None
+    assert "n/a" in paths["markdown"].read_text() and is_png(paths["png"])
+    with pytest.raises(Exception, match="not report fields"):
+        build_report([ModelEntry("teacher", mlp(), "teacher", metric=0.9, measured={"weights": 1})], x)
+
+
 def test_report_needs_one_teacher():
     from kd_tasks.shared.errors import KDConfigError
 

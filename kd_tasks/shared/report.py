@@ -293,6 +293,9 @@ class ModelEntry:
     note: str = ""
     flops_from: str | None = None  # quantised copies: FLOPs of the float model they come from
     example: Any = None  # this model's own inputs when they differ from the report's (e.g. another tokenizer)
+    # figures measured outside torch, replacing torch's (e.g. a dlib or onnxruntime teacher, whose weights and
+    # operations torch cannot see: {"params": ..., "size_bytes": file size, "flops": nan, "peak_bytes": nan})
+    measured: dict[str, float] | None = None
 
 
 @dataclass
@@ -307,7 +310,17 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The report as plain data; a figure that could not be measured (NaN) is ``None`` (JSON ``null``)."""
+        def clean(v: Any) -> Any:
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return clean(asdict(self))
 
     def to_markdown(self) -> str:
         head = ["model", "role", "params", "MFLOPs/input", "size", "latency b1", f"throughput b{self.batch_size}",
@@ -317,7 +330,7 @@ class Report:
             metric = _pct(r["metric"], r.get("metric_std"))
             pareto = "/".join(k for k, flag in (("size", r["pareto_size"]), ("latency", r["pareto_latency"])) if flag) or "-"
             lines.append("| " + " | ".join([
-                r["name"], r["role"], f"{r['params']:,}", f"{r['flops'] / 1e6:.3f}", _bytes(r["size_bytes"]),
+                r["name"], r["role"], _count(r['params']), f"{r['flops'] / 1e6:.3f}", _bytes(r["size_bytes"]),
                 f"{r['latency_ms']:.3f} ms", f"{r['throughput']:,.0f}/s", _bytes(r["peak_bytes"]), metric,
                 f"{100 * r['retained']:.1f}%", f"{r['speedup']:.1f}x ({r['speedup_latency']:.1f}x)",
                 f"{r['fom']:+.2f}", pareto]) + " |")
@@ -337,7 +350,7 @@ class Report:
         out = [head]
         for r in self.rows:
             pareto = "/".join(k for k, flag in (("size", r["pareto_size"]), ("lat", r["pareto_latency"])) if flag) or "-"
-            out.append(f"{r['name']:<{w}}{r['params']:>9,}{r['flops'] / 1e6:>9.3f}{_bytes(r['size_bytes']):>10}"
+            out.append(f"{r['name']:<{w}}{_count(r['params']):>9}{r['flops'] / 1e6:>9.3f}{_bytes(r['size_bytes']):>10}"
                        f"{r['latency_ms']:>8.3f}ms{_bytes(r['peak_bytes']):>10}  {_pct(r['metric'], r.get('metric_std')):>16}"
                        f"{100 * r['retained']:>7.1f}%{r['speedup']:>9.1f}x{r['fom']:>+7.2f}  {pareto}")
         out.append(f"(timings: {self.device}, {self.threads} thread(s), median of repeats after warm-up; speed-up = "
@@ -361,7 +374,13 @@ def _pct(metric: float, std: float | None) -> str:
     return f"{text} ± {100 * std:.2f} %" if std is not None else f"{text} %"
 
 
+def _count(n: float) -> str:
+    return f"{int(n):,}" if math.isfinite(n) else "n/a"
+
+
 def _bytes(n: float) -> str:
+    if not math.isfinite(n):
+        return "n/a"
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -396,19 +415,29 @@ def build_report(entries: Sequence[ModelEntry], example: Any, *, metric_name: st
                                                                           warmup=warmup, repeats=repeats)}
         if e.flops_from is not None and e.flops_from in by_name:
             row["flops"] = by_name[e.flops_from]["flops"]
+        if e.measured:
+            unknown = set(e.measured) - set(row)
+            if unknown:
+                raise KDConfigError(f"report entry {e.name!r}: measured figures {sorted(unknown)} are not report fields")
+            row.update({k: float(v) for k, v in e.measured.items()})
         row["metric"] = float(e.metric) if e.metric is not None else float(metric_fn(e.model))
         row["metric_std"] = e.metric_std
         row["per_seed"] = e.per_seed
         rows.append(row)
         by_name[e.name] = row
     t = by_name[teachers[0].name]
+    by_flops = bool(t["flops"]) and math.isfinite(t["flops"])
+    notes = list(notes)
+    if not by_flops:  # e.g. a teacher run by dlib or onnxruntime: torch counts none of its operations
+        notes.append(f"The teacher's FLOPs are unknown ({t['name']} runs outside torch's counter): speed-up and FoM "
+                     "use the measured batch-1 latency ratio instead.")
     for r in rows:
         if higher_is_better:
             r["retained"] = r["metric"] / t["metric"] if t["metric"] else float("nan")
         else:
             r["retained"] = t["metric"] / r["metric"] if r["metric"] else float("nan")
-        r["speedup"] = t["flops"] / r["flops"] if r["flops"] else float("nan")
         r["speedup_latency"] = t["latency_ms"] / r["latency_ms"]
+        r["speedup"] = (t["flops"] / r["flops"] if r["flops"] else float("nan")) if by_flops else r["speedup_latency"]
         r["fom"] = figure_of_merit(r["retained"], r["speedup"], exchange)
     metric = [r["metric"] for r in rows]
     for key, cost in (("pareto_size", "size_bytes"), ("pareto_latency", "latency_ms")):
