@@ -31,7 +31,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from ..shared.errors import ArgumentParser, KDConfigError, KDError, run_cli, suggest
+from ..shared.errors import KDConfigError, KDError, run_cli, suggest
 from ..shared.validate import NON_NEG_INT, NON_NEGATIVE, POS_INT, POSITIVE, check_rules, number
 
 EPILOG = """examples:
@@ -54,153 +54,33 @@ EPILOG = """examples:
 REQUIRED = ("teacher", "output_dir")
 
 
-class KDArgumentParser(ArgumentParser):
-    """kd-tasks' one-line usage errors on ``transformers.HfArgumentParser``'s option handling."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.dataclass_types = []
+USAGE = "%(prog)s --teacher DIR --output-dir DIR [--config RECIPE] [options]"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: kd-tasks' options plus every ``TrainingArguments`` field (:mod:`.arguments`)."""
-    from .arguments import add_training_arguments
+    """The command line: ``HfArgumentParser(DistillationArguments)`` -- kd-tasks' options, then every other
+    ``TrainingArguments`` field -- plus ``--config`` / ``--recipe`` (:mod:`.arguments`)."""
+    from .arguments import argument_parser_class
 
-    parser = kd_parser()
-    add_training_arguments(parser)
-    return parser
-
-
-def kd_parser() -> argparse.ArgumentParser:
-    """kd-tasks' own options (without the Trainer's)."""
-    p = KDArgumentParser(
-        prog="kd-tasks nlp",
+    return argument_parser_class()(
+        prog="kd-tasks nlp", usage=USAGE, epilog=EPILOG,
         description="Distil a fine-tuned BERT-family teacher into a smaller student (Hugging Face Trainer).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "--recipe", dest="config",
-                   help="YAML/JSON recipe whose keys are the option names below (--recipe: the same)")
-
-    g = p.add_argument_group("models")
-    g.add_argument("--teacher", help="fine-tuned teacher: a local directory or a hub name")
-    g.add_argument("--teacher-tokenizer", help="tokenizer of the teacher if not in its directory")
-    g.add_argument("--student", help="a student model directory or hub name (trained further here)")
-    g.add_argument("--student-layers", type=int, help="keep N evenly spaced teacher layers, copying their weights")
-    g.add_argument("--student-layer-ids", help="keep these 0-based teacher layers, e.g. 0,2,4,7,9,11")
-    g.add_argument("--student-shape", help="a narrower student from scratch: tinybert-4l-312, minilm-6l-384, ...")
-    g.add_argument("--student-hidden-size", type=int, help="override the width of --student-shape")
-    g.add_argument("--student-heads", type=int, help="override the head count of --student-shape")
-    g.add_argument("--student-intermediate-size", type=int, help="override the feed-forward width of --student-shape")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--task", help="a GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)")
-    g.add_argument("--task-type", default="classification",
-                   choices=["classification", "regression", "multilabel", "token", "qa"], help="head for local data")
-    g.add_argument("--train-file", help="local training data (.csv, .tsv, .json, .jsonl, .parquet)")
-    g.add_argument("--validation-file", help="local validation data (default: 10%% of the training file)")
-    g.add_argument("--text-column", help="text column (token task: list of words; qa: the question)")
-    g.add_argument("--text-pair-column", help="second text column (qa: the context)")
-    g.add_argument("--label-column", help="label column (default: label; token: ner_tags; qa: answers)")
-    g.add_argument("--max-length", type=int, default=128, help="tokens per example after truncation")
-    g.add_argument("--doc-stride", type=int, help="qa: overlap in tokens of the windows over a long context "
-                   "(default: min(128, max-length / 4))")
-    g.add_argument("--max-train-samples", type=int, help="use at most this many training examples")
-    g.add_argument("--max-eval-samples", type=int, help="use at most this many validation examples")
-    g.add_argument("--unlabeled-file", help="transfer text the teacher labels (soft labels only, no task loss): "
-                   ".txt (one text per line) or a csv/tsv/json/jsonl/parquet column")
-    g.add_argument("--unlabeled-column", help="text column of --unlabeled-file (default: sentence, else text)")
-    g.add_argument("--unlabeled-ratio", type=float,
-                   help="use at most this many unlabelled texts per labelled one (default: all of them)")
-    g.add_argument("--augment-copies", type=int, default=0,
-                   help="TinyBERT augmentation: N word-replaced copies of each labelled sentence (teacher labels only)")
-    g.add_argument("--augment-prob", type=float, default=0.4, help="probability of replacing each word")
-    g.add_argument("--augment-k", type=int, default=15, help="candidates per word (masked-LM top-k or neighbours)")
-    g.add_argument("--augment-mlm", help="a masked LM directory predicting the replacements (TinyBERT)")
-    g.add_argument("--augment-neighbours", help="a neighbour list 'word<TAB>n1 n2 ...' (thesaurus / word vectors); "
-                   "default without --augment-mlm: nearest whole words in the teacher's word embeddings")
-
-    g = p.add_argument_group("distillation")
-    g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the logit KD term")
-    g.add_argument("--alpha-task", type=float, default=0.5, help="weight of the task loss on the labels")
-    g.add_argument("--alpha-kd", type=float, default=0.5, help="weight of the logit KD term")
-    g.add_argument("--kd-divergence", default="kl", choices=["kl", "reverse_kl", "jsd", "tv"],
-                   help="divergence of the logit KD term: forward KL (Hinton), reverse KL, JSD(beta), total variation")
-    g.add_argument("--jsd-beta", type=float, default=0.5, help="beta of --kd-divergence jsd (0.5: symmetric JSD)")
-    g.add_argument("--logit-standardization", action="store_true",
-                   help="Z-score student and teacher logits before the temperature (Sun et al., CVPR 2024)")
-    g.add_argument("--hidden-loss", default="mse", choices=["mse", "cosine"], help="TinyBERT mse or DistilBERT cosine")
-    g.add_argument("--alpha-hidden", type=float, default=0.0, help="weight of the hidden-state term")
-    g.add_argument("--attention-loss", default="mse", choices=["mse", "kl"], help="TinyBERT mse or MiniLM kl")
-    g.add_argument("--alpha-attention", type=float, default=0.0, help="weight of the attention-map term")
-    g.add_argument("--alpha-value-relation", type=float, default=0.0, help="weight of MiniLM's value relation")
-    g.add_argument("--alpha-qkv-relation", type=float, default=0.0, help="weight of MiniLMv2's Q/K/V relations")
-    g.add_argument("--relation-heads", type=int, help="MiniLMv2 relation heads (default: the teacher's heads)")
-    g.add_argument("--layer-map", default="auto",
-                   help="auto (a student cut from the teacher learns from the layers it was copied from, else "
-                        "uniform), extraction, uniform, last, last-k, '1:2,2:4' or '2,4,6'")
-    g.add_argument("--teacher-inputs", default="shared", choices=["shared", "separate"],
-                   help="separate: the teacher tokenises the text itself (different tokenizers; logit KD only)")
-    g.add_argument("--cache-teacher-logits", help="directory caching the teacher's logits on disk (logit KD only)")
-    g.add_argument("--cache-top-k", type=int, default=None, metavar="K",
-                   help="store only each row's top K teacher logits, their classes and the tail mass in the cache "
-                        "(for large label spaces; sequence classification); the teacher's top-K probabilities are kept "
-                        "exactly, the rest of its mass spread evenly")
-    g.add_argument("--rebuild-cache", action="store_true", help="rebuild the teacher-logits cache if stale")
-    g.add_argument("--stages", help="a recipe's list of stages (JSON on the command line), each a mapping of "
-                   "options for that stage, e.g. intermediate layers first, then logits; run in order, each resumable")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--output-dir", help="where the student, checkpoints and report go")
-    g.add_argument("--epochs", type=float, default=3.0)
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--eval-batch-size", type=int, default=64)
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    g.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=5e-5,
-                   help="peak learning rate (--lr: the same)")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup", type=float, default=0.1, help="warm-up steps, or a fraction of all steps if < 1")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--fp16", action="store_true", help="mixed precision fp16 (student and teacher)")
-    g.add_argument("--bf16", action="store_true", help="mixed precision bf16 (student and teacher)")
-    g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    g.add_argument("--logging-steps", type=int, default=50)
-    g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: every epoch)")
-    g.add_argument("--save-total-limit", type=int, default=2)
-    g.add_argument("--save-strategy", default=None, choices=["epoch", "steps", "no"],
-                   help="when to checkpoint (default: epoch, or steps with --save-steps; no: never, no --resume)")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--disable-tqdm", action="store_true", help="no progress bar (the Trainer's, on by default)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue the run in --output-dir from its latest checkpoint (alone or 'latest'), "
-                        "or from the given checkpoint directory")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --output-dir (its checkpoint-* directories and report are removed)")
-    g.add_argument("--report-to", default="none", help="none, tensorboard, ...")
-    g.add_argument("--latency-batch-size", type=int, default=32,
-                   help="validation rows of the report's CPU measurements: throughput, time per batch, peak memory "
-                        "(latency: batch 1)")
-    g.add_argument("--no-report", action="store_true", help="skip the teacher-vs-student report")
-    g.add_argument("--export", choices=["onnx"], default=None,
-                   help="onnx: also write the saved student to <output-dir>/onnx/model.onnx (keyword inputs, dynamic "
-                        "batch and sequence axes), checked against PyTorch with onnxruntime")
-    g.add_argument("--quantize", action="store_true",
-                   help="add an int8 dynamic quantised copy (torch.ao, Linear layers) of the saved student to the "
-                        "report, evaluated on the validation split on the CPU")
-    return p
 
 
 def option_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The parser's options by destination (the dataclass field names)."""
     return [a.dest for a in parser._actions if a.dest not in ("help", "config")]
 
 
 def recipe_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a recipe; keys are option names (``student-layers`` or ``student_layers``)."""
+    """Read a recipe; keys are option names in any spelling (``student-layers``, ``student_layers``, ``lr``,
+    ``batch_size``, ``per_device_train_batch_size``); values by field name."""
     from ..shared.config import load_config
+    from .arguments import KD_NAME, is_flag
 
     names = [n for n in option_names(parser) if n != "overwrite"]
+    known = sorted({KD_NAME.get(n, n).replace("_", "-") for n in names} | {n.replace("_", "-") for n in names})
     out = {}
     for key, value in load_config(path).items():
         dest = str(key).replace("-", "_")
@@ -208,18 +88,28 @@ def recipe_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any
         if dest not in names and action is not None and action.dest in names:
             dest = action.dest  # any spelling of an option, e.g. lr for learning_rate
         if dest not in names:
-            raise KDConfigError(f"recipe {path!r}: " + suggest(str(key), [n.replace("_", "-") for n in names], "option"))
+            raise KDConfigError(f"recipe {path!r}: " + suggest(str(key), known, "option"))
+        if is_flag(parser._option_string_actions[f"--{dest}"]) and value is not None and not isinstance(value, bool):
+            raise not_a_flag(KD_NAME.get(dest, dest), value, f" (in {path})")  # argparse would read "no" as true
         out[dest] = value
     return out
 
 
+def not_a_flag(name: str, value: Any, where: str = "") -> KDConfigError:
+    """The error for a true/false option given something else (``where``: the recipe it came from)."""
+    return KDConfigError(f"--{name.replace('_', '-')}{where} must be true or false, got {value!r}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; a ``--config`` recipe supplies defaults that explicit options override."""
+    """Parse the command line; a ``--config`` recipe supplies defaults that explicit options override.
+    Returns the namespace the run reads (:func:`kd_tasks.nlp.arguments.run_namespace`)."""
+    from .arguments import run_namespace
+
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
         parser.set_defaults(**recipe_defaults(first.config, parser))
-    args = parser.parse_args(argv)
+    args = run_namespace(parser.parse_args(argv))
     if first.train_file and not first.task and args.task:  # local files on the command line win over a recipe's task
         print(f"[kd-tasks nlp] --train-file given: the recipe's GLUE task {args.task!r} is not used", file=sys.stderr)
         args.task = None
@@ -305,9 +195,9 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser, con
     if sum(float(getattr(args, a)) for a in ALPHAS) <= 0:
         raise KDConfigError("every loss weight (--alpha-task, --alpha-kd, --alpha-hidden, ...) is 0: nothing to train",
                             hint="give at least one of them a positive value")
-    choices = {a.dest: a.choices for a in parser._actions if a.choices}
-    strings = [a.dest for a in parser._actions if a.type is None and a.nargs is None and a.const is None
-               and not isinstance(a.default, bool) and a.dest not in ("help", "stages")]
+    from .arguments import KD_NAME, kd_options_typed
+
+    choices = {KD_NAME.get(a.dest, a.dest): a.choices for a in parser._actions if a.choices}
     where = f" (in {config})" if config else ""
     for dest, allowed in choices.items():
         if getattr(args, dest) is not None and getattr(args, dest) not in allowed:
@@ -317,14 +207,13 @@ def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser, con
         value = getattr(args, dest, None)
         if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             setattr(args, dest, ",".join(str(v) for v in value))
-    for dest in strings:
+    for dest in kd_options_typed(str):
         value = getattr(args, dest, None)
-        if value is not None and not isinstance(value, str):
+        if value is not None and not isinstance(value, str) and dest not in ("stages", "resume"):
             raise KDConfigError(f"--{dest.replace('_', '-')}{where} must be text, got {value!r}")
-    for flag in ("fp16", "bf16", "cpu", "no_report", "rebuild_cache", "overwrite", "disable_tqdm",
-                 "logit_standardization", "quantize"):
+    for flag in kd_options_typed(bool):
         if not isinstance(getattr(args, flag), bool):
-            raise KDConfigError(f"--{flag.replace('_', '-')}{where} must be true or false, got {getattr(args, flag)!r}")
+            raise not_a_flag(flag, getattr(args, flag), where)
     if args.fp16 and args.bf16:
         raise KDConfigError("--fp16 and --bf16 both given", hint="choose one precision")
     if args.quantize and args.no_report:
@@ -850,30 +739,25 @@ def _stage_recipe(sargs: argparse.Namespace, pairs) -> dict:
     return out
 
 
-def run_arguments(dargs) -> dict:
-    """Run from a :class:`~kd_tasks.nlp.arguments.DistillationArguments` (a ``TrainingArguments`` subclass)."""
-    from .arguments import ALIASES, training_fields
+def arguments_namespace(dargs) -> argparse.Namespace:
+    """The checked namespace the run reads, from a :class:`~kd_tasks.nlp.arguments.DistillationArguments`
+    (the same as :func:`parse_args` gives for the same options on the command line)."""
+    from .arguments import run_namespace
 
-    parser = build_parser()
-    args = parser.parse_args([])
-    for key in vars(args):
-        if hasattr(dargs, key):
-            setattr(args, key, getattr(dargs, key))
-    for ours, theirs in ALIASES.items():
-        setattr(args, ours, getattr(dargs, theirs))
+    args = run_namespace(dargs)
     if getattr(dargs, "resume_from_checkpoint", None) and not args.resume:
         args.resume = dargs.resume_from_checkpoint
-    if getattr(args, "report_to", None) in ([], None):
-        args.report_to = "none"
-    elif isinstance(args.report_to, list):
-        args.report_to = args.report_to[0]
-    assert training_fields
-    missing = [f"{n}" for n in REQUIRED if not getattr(args, n)]
+    missing = [n for n in REQUIRED if not getattr(args, n)]
     if missing:
         raise KDConfigError(f"DistillationArguments: missing {', '.join(missing)}")
     args.stages = _read_stages(args.stages, None)
-    check_options(args, parser)
-    return run(args)
+    check_options(args, build_parser())
+    return args
+
+
+def run_arguments(dargs) -> dict:
+    """Run from a :class:`~kd_tasks.nlp.arguments.DistillationArguments` (a ``TrainingArguments`` subclass)."""
+    return run(arguments_namespace(dargs))
 
 
 def _main(argv: list[str]) -> int:
