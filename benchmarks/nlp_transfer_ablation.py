@@ -239,7 +239,7 @@ def int8_rows(teacher_dir: str, valid_csv: str, work: str, letters: list[str], s
             reported = json.load(open(os.path.join(run_dir, "kd_report.json")))["student"]["metrics"]["accuracy"]
             student = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
             fp32 = score(student)
-            if abs(fp32 - reported) > 1e-9:
+            if abs(fp32 - reported) > 5e-6:  # the report keeps 6 decimals; one sentence is 1/600
                 raise SystemExit(f"row {letter} seed {seed}: float32 accuracy {fp32} here vs {reported} in its report")
             q = quantize_dynamic_int8(student).eval()
             times: dict[str, list[float]] = {"teacher": [], "teacher_int8": [], "student": [], "int8": []}
