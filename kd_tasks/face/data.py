@@ -28,7 +28,8 @@ import torch
 
 from kd_tasks.shared.errors import KDConfigError
 
-__all__ = ["FaceTransform", "IdentityFolder", "ImageFolder", "split_identities", "verification_pairs", "IMAGE_EXTENSIONS"]
+__all__ = ["FaceTransform", "IdentityFolder", "ImageFolder", "LabelledWithUnlabelled", "UNLABELLED",
+           "split_identities", "verification_pairs", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".pgm", ".jpg", ".jpeg", ".bmp", ".ppm")
 
@@ -193,6 +194,47 @@ class ImageFolder(IdentityFolder):
         if not self.transform.flip:
             return self
         return ImageFolder(self.root, self.transform.image_size, fit=self.transform.fit, exclude=self.exclude)
+
+
+UNLABELLED = -1  # the label of an image without identity in a :class:`LabelledWithUnlabelled` set
+
+
+class LabelledWithUnlabelled(IdentityFolder):
+    """Labelled identity folders plus face images without identities, as one training set.
+
+    ``samples`` are the labelled folder's ``(path, label)`` followed by ``(path, UNLABELLED)`` for every
+    image of the unlabelled folder (``-1``: losses that need identities must skip those rows, e.g. the
+    margin loss of ``kd-tasks face --unlabelled-data``); ``identities`` and ``num_classes`` are the
+    labelled folder's. Both parts use the labelled folder's transform (size, flip, fit). ``repeat`` lists
+    every labelled image that many times (oversampling a few labelled images beside many unlabelled ones).
+    """
+
+    def __init__(self, labelled: IdentityFolder, unlabelled: ImageFolder, repeat: int = 1):
+        if int(repeat) < 1:
+            raise KDConfigError(f"labelled images must be listed at least once, got repeat {repeat!r}")
+        self.labelled, self.unlabelled, self.repeat = labelled, unlabelled, int(repeat)
+        self.root = labelled.root
+        self.unlabelled_root = unlabelled.root
+        self.identities = list(labelled.identities)
+        self.exclude = labelled.exclude
+        self.samples = list(labelled.samples) * self.repeat + [(path, UNLABELLED) for path, _ in unlabelled.samples]
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        self.transform = labelled.transform
+
+    @property
+    def num_labelled(self) -> int:
+        """Labelled rows (``repeat`` x the labelled images)."""
+        return len(self.labelled) * self.repeat
+
+    def deterministic(self) -> "LabelledWithUnlabelled":
+        if not self.transform.flip:
+            return self
+        return LabelledWithUnlabelled(self.labelled.deterministic(), self.unlabelled.deterministic(), self.repeat)
+
+    def sample_names(self) -> list[str]:
+        """Each sample's path relative to its folder, the unlabelled ones prefixed ``unlabelled:``."""
+        return ([str(p.relative_to(self.root)) for p, _ in self.labelled.samples] * self.repeat +
+                [f"unlabelled:{p.relative_to(self.unlabelled_root)}" for p, _ in self.unlabelled.samples])
 
 
 def split_identities(root: str | os.PathLike, num_test: int | None = None, test_fraction: float = 0.25,

@@ -25,6 +25,8 @@ EPILOG = """example:
   kd-tasks face --teacher dlib:dlib_face_recognition_resnet_model_v1.dat \\
       --shape-predictor shape_predictor_5_face_landmarks.dat --data orl/ --kd margin_rkd --output-dir runs/dlib
   kd-tasks face --config configs/face/mobilefacenet_arcface_cosine.yaml --teacher t.onnx --data faces/
+  kd-tasks face --config configs/face/few_labels_unlabelled_centred.yaml --teacher t.onnx --data few_labelled/ \
+      --unlabelled-data more_faces/ --val-data held_out/ --output-dir runs/few_labels
 
 data: faces/<identity>/<image>.png|pgm|jpg; grayscale images are repeated to 3 channels.
 --teacher: an .onnx file, a TorchScript .pt file, or dlib:<path to dlib_face_recognition_resnet_model_v1.dat>.
@@ -51,6 +53,8 @@ KD_LOSSES: dict[str, tuple[Any, bool]] = {
 HEAD_METHODS = ("adadistill", "margin_distillation")
 # --kd choices whose labels come from the identity folders
 NEEDS_LABELS = ("ekd", "adadistill", "margin_distillation")
+# --kd choices that read no identity labels (usable on images without identities)
+LABEL_FREE_KD = ("centred", "whitened", "cosine", "l2", "mse", "rkd", "sp", "pkt", "cc")
 SPACE_CHOICES = ("none", "centre", "whiten")
 MARGIN_CHOICES = ("arcface", "cosface", "sphereface", "softmax", "none")
 
@@ -62,7 +66,8 @@ def option_rules() -> dict[str, tuple]:
         "val_identities": AT_LEAST_2, "max_pairs": AT_LEAST_2, "image_size": ("int", 8, None, False),
         "teacher_input_size": ("int", 8, None, False), "embedding_dim": POS_INT, "margin_m": NON_NEGATIVE,
         "scale": POSITIVE, "margin_weight": NON_NEGATIVE, "kd_weight": NON_NEGATIVE, "epochs": POSITIVE,
-        "max_steps": POS_INT, "batch_size": ("int", 2, None, False), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+        "max_steps": POS_INT, "labelled_repeat": POS_INT, "batch_size": ("int", 2, None, False), "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
         "warmup_steps": NON_NEG_INT, "seed": NON_NEG_INT, "split_seed": NON_NEG_INT, "eval_every": POS_INT,
         "save_every": POS_INT, "log_every": POS_INT, "min_teacher_auc": ("number", 0, 1, False),
     }
@@ -74,7 +79,8 @@ def check_options(args: argparse.Namespace, config_path: str | None = None) -> N
     from kd_tasks.shared.validate import check_rules
 
     check_rules(vars(args), option_rules())
-    for key in ("teacher", "data", "output_dir", "val_data", "cache_dir", "shape_predictor", "student"):
+    for key in ("teacher", "data", "output_dir", "val_data", "cache_dir", "shape_predictor", "student",
+                "unlabelled_data"):
         value = getattr(args, key)
         if value is not None and not isinstance(value, str):
             where = f" (in {config_path})" if config_path else ""
@@ -132,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unlabelled", action="store_true",
                    help="--data is a folder of face images without identities (any depth): train from the teacher's "
                         "embeddings alone (needs --val-data with identity folders and a --kd without labels)")
+    g.add_argument("--unlabelled-data", metavar="FOLDER",
+                   help="face images without identities (any depth) to train on beside the labelled --data: the "
+                        "distillation term acts on every image, the margin loss on the labelled ones only (needs a "
+                        "--kd without labels: centred, whitened, cosine, l2, mse, rkd, sp, pkt, cc)")
+    g.add_argument("--labelled-repeat", type=int, default=1, metavar="R",
+                   help="with --unlabelled-data: list every labelled image R times per epoch, so that a few labelled "
+                        "images keep their share of each batch beside many unlabelled ones (1)")
     g.add_argument("--teacher-scaling", default="insightface",
                    help="ONNX teacher input scaling: insightface ((x-127.5)/127.5, default), unit (x/255), raw (0..255)")
     g.add_argument("--teacher-channels", default="rgb", help="ONNX teacher channel order: rgb (default) or bgr")
@@ -182,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rebuild-cache", action="store_true", help="recompute the cached teacher embeddings")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-step console log")
+    g.add_argument("--no-report", action="store_true",
+                   help="skip the compression report of teacher and student (report.md/.json/.png: parameters, "
+                        "FLOPs, size, latency, memory, verification AUC)")
     return p
 
 
@@ -263,6 +279,43 @@ def build_terms(kd: str, weight: float, student_dim: int, teacher_dim: int, num_
     return [term]
 
 
+def check_unlabelled_data(args: argparse.Namespace) -> None:
+    """``--unlabelled-data`` needs labelled identity folders beside it and a distillation loss without labels."""
+    from kd_tasks.shared.errors import KDConfigError
+
+    if not args.unlabelled_data:
+        if args.labelled_repeat != 1:
+            raise KDConfigError("--labelled-repeat balances labelled images against --unlabelled-data images",
+                                hint="add --unlabelled-data FOLDER or drop --labelled-repeat")
+        return
+    if args.unlabelled:
+        raise KDConfigError("--unlabelled-data adds images without identities to labelled --data, but --unlabelled "
+                            "says --data has no identities", hint="give one of the two")
+    if args.kd not in LABEL_FREE_KD:
+        raise KDConfigError(f"--unlabelled-data images carry no identity, so only the distillation term can use them: "
+                            f"--kd {args.kd} reads labels or distils nothing",
+                            hint=f"use --kd {', '.join(LABEL_FREE_KD)}")
+
+
+def labelled_only(loss):
+    """A margin loss over the rows with an identity (``target >= 0``) only; 0, kept in the graph, for a batch
+    of images without identities (``--unlabelled-data``)."""
+    import torch
+
+    class LabelledOnlyLoss(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, embeddings: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            keep = target >= 0
+            if not bool(keep.any()):
+                return embeddings.sum() * 0.0
+            return self.inner(embeddings[keep], target[keep])
+
+    return LabelledOnlyLoss(loss)
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -274,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
     from kd_tasks.shared.training import TrainConfig, Trainer
 
     from . import losses as _face_losses  # noqa: F401 (registers the face losses)
-    from .data import IdentityFolder, ImageFolder, split_identities, verification_pairs
+    from .data import IdentityFolder, ImageFolder, LabelledWithUnlabelled, split_identities, verification_pairs
     from .margins import MarginSoftmaxLoss, build_margin_head, init_head_from_teacher
     from .models import build_student, write_spec
     from .space import TeacherSpace, class_centres
@@ -292,12 +345,15 @@ def run(args: argparse.Namespace) -> int:
             raise KDConfigError(f"--unlabelled trains from the teacher alone: use --margin none and a --kd without "
                                 f"labels (centred, whitened, cosine, l2, rkd, sp, pkt, cc), got --margin {args.margin} "
                                 f"--kd {args.kd}")
+    check_unlabelled_data(args)
     if args.freeze_head and args.head_init != "teacher":
         raise KDConfigError("--freeze-head keeps the head where --head-init teacher puts it; add --head-init teacher")
     if head_method and args.margin != "none":
         print(f"--kd {args.kd} is a margin head itself: it replaces --margin {args.margin}")
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data folder {args.data!r} not found")
+    if args.unlabelled_data and not Path(args.unlabelled_data).is_dir():
+        raise FileNotFoundError(f"--unlabelled-data folder {args.unlabelled_data!r} not found")
     if args.val_data and not Path(args.val_data).is_dir():
         raise FileNotFoundError(f"--val-data folder {args.val_data!r} not found")
     output_dir = Path(args.output_dir)
@@ -323,6 +379,11 @@ def run(args: argparse.Namespace) -> int:
 
         def train_folder(size, flip=False):
             return ImageFolder(args.data, size, flip=flip, fit=args.image_fit, exclude=args.exclude or ())
+    elif args.unlabelled_data:
+        def train_folder(size, flip=False):
+            return LabelledWithUnlabelled(IdentityFolder(args.data, size, train_ids, flip=flip, **view),
+                                          ImageFolder(args.unlabelled_data, size, flip=flip, fit=args.image_fit),
+                                          repeat=args.labelled_repeat)
     else:
         def train_folder(size, flip=False):
             return IdentityFolder(args.data, size, train_ids, flip=flip, **view)
@@ -347,6 +408,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"teacher check: AUC {teacher_metrics['auc']:.4f} on {len(pairs)} validation pairs")
     check_teacher(teacher_metrics, args.min_teacher_auc)
     train_teacher = np.asarray(train_cache.arrays["output"], dtype=np.float32)
+    labelled = (train_view.labels >= 0).numpy()  # rows with an identity (all but --unlabelled-data images)
+    if args.unlabelled_data:
+        print(f"training images: {int(labelled.sum())} labelled, {int((~labelled).sum())} without identities "
+              f"(distillation only)")
     space_mode = args.teacher_space
 
     student_dim = args.embedding_dim or teacher_dim
@@ -364,11 +429,14 @@ def run(args: argparse.Namespace) -> int:
         head = build_margin_head(margin, student_dim, train_view.num_classes, **head_kwargs)
         if args.head_init == "teacher":
             space = TeacherSpace(space_mode or "centre").fit(train_teacher)
-            centres = class_centres(train_teacher, train_view.labels, train_view.num_classes, space)
+            centres = class_centres(train_teacher[labelled], train_view.labels.numpy()[labelled],
+                                    train_view.num_classes, space)
             init_head_from_teacher(head, centres, freeze=args.freeze_head)
             print(f"margin head: the teacher's class centres ({space.mode} space)"
                   f"{', frozen' if args.freeze_head else ''}")
         task_loss = MarginSoftmaxLoss(head)
+        if args.unlabelled_data:
+            task_loss = labelled_only(task_loss)
     elif args.head_init == "teacher":
         raise KDConfigError("--head-init teacher needs a margin head (--margin arcface/cosface/...)")
     terms = build_terms(args.kd, args.kd_weight, student_dim, teacher_dim, num_classes=train_view.num_classes,
@@ -395,8 +463,9 @@ def run(args: argparse.Namespace) -> int:
         "recipe": {k: getattr(args, k) for k in ("student", "embedding_dim", "margin", "margin_m", "scale",
                                                  "margin_weight", "kd", "kd_weight", "image_size", "flip",
                                                  "teacher_space", "head_init", "freeze_head", "image_fit", "exclude",
-                                                 "unlabelled")},
-        "data": {"train": [str(p.relative_to(train_view.root)) for p, _ in train_view.samples],
+                                                 "unlabelled", "unlabelled_data", "labelled_repeat")},
+        "data": {"train": (train_view.sample_names() if args.unlabelled_data else
+                           [str(p.relative_to(train_view.root)) for p, _ in train_view.samples]),
                  "cache": train_cache.key.digest},
     }
     result = Trainer(distiller, train_set, config, eval_fn=eval_fn,
@@ -409,7 +478,8 @@ def run(args: argparse.Namespace) -> int:
         export = export_student(student.cpu(), result.export_dir, args.image_size)
     except Exception as e:  # noqa: BLE001 -- the safetensors student is written; say why ONNX/TorchScript were not
         print(f"warning: ONNX/TorchScript export skipped ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
-    student_scores = pair_scores(embed(student, val_set), pairs)
+    student_embeddings = embed(student, val_set)
+    student_scores = pair_scores(student_embeddings, pairs)
     try:
         roc = plot_roc({"teacher": (pair_scores(val_cache.arrays["output"], pairs), pairs[:, 2]),
                         "student": (student_scores, pairs[:, 2])}, str(output_dir / "roc.png"),
@@ -417,6 +487,16 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         roc = None
         print(f"warning: {e}")
+    compression = None
+    if not args.no_report:
+        from .report import face_compression_report
+
+        student_auc = evaluate_embeddings(student_embeddings, pairs)["auc"]
+        shared_report, paths = face_compression_report(teacher, student, teacher_val, val_set,
+                                                       teacher_metrics["auc"], student_auc, output_dir,
+                                                       pairs=len(pairs))
+        compression = {k: str(v) for k, v in paths.items()}
+        print(shared_report.to_text())
 
     report = {
         "teacher": teacher_metrics,
@@ -425,10 +505,12 @@ def run(args: argparse.Namespace) -> int:
         "pairs": int(len(pairs)),
         "train_identities": train_view.num_classes,
         "train_images": len(train_view),
+        "unlabelled_train_images": int((~labelled).sum()),
         "val_identities": val_set.num_classes,
         "val_images": len(val_set),
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "roc_png": roc,
+        "compression_report": compression,
         "export": export,
         "args": {k: v for k, v in vars(args).items()},
     }

@@ -50,6 +50,13 @@ def test_train_end_to_end_loss_falls_and_student_reloads(setup, tmp_path):
     again = evaluate_embeddings(embed(student, val), pairs)
     assert again["auc"] == pytest.approx(report["student"]["auc"], abs=1e-9)
     assert again["accuracy"] == pytest.approx(report["student"]["accuracy"], abs=1e-9)
+    # the compression report: the teacher (onnxruntime) by its graph, the student measured, AUCs as verified
+    comp = json.loads((out / "report.json").read_text())
+    t_row, s_row = comp["rows"]
+    assert t_row["params"] == sum(p.numel() for p in embedding_net(16).parameters()) and t_row["flops"] is None
+    assert s_row["params"] == sum(p.numel() for p in student.parameters())
+    assert s_row["metric"] == pytest.approx(again["auc"]) and t_row["metric"] == pytest.approx(report["teacher"]["auc"])
+    assert report["compression_report"]["png"].endswith("report.png") and (out / "report.png").is_file()
     # a second run hits the teacher cache
     cache_meta = json.loads((out / "teacher_cache" / "train" / "meta.json").read_text())
     assert cache_meta["count"] == 24
