@@ -211,7 +211,7 @@ def test_report_with_an_empty_teacher_metric_says_why(make_model, tmp_path):
                                      notes=["The teacher's metric is empty: its validation pass was skipped."],
                                      batch_size=2, warmup=0, repeats=2)
     rows = {r["role"]: r for r in json.loads(paths["json"].read_text())["rows"]}
-    assert np.isnan(rows["teacher"]["metric"]) and rows["student"]["metric"] == 0.25
+    assert rows["teacher"]["metric"] is None and rows["student"]["metric"] == 0.25  # unknown: JSON null
     assert rows["student"]["params"] == sum(p.numel() for p in student.parameters())
     assert "validation pass was skipped" in paths["markdown"].read_text()
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -219,7 +219,7 @@ def test_report_with_an_empty_teacher_metric_says_why(make_model, tmp_path):
     _, paths = detection_report(student, teacher, x, tmp_path / "none", student_metric=None, teacher_metric=None,
                                 batch_size=2, warmup=0, repeats=2)
     assert "png" not in paths and "No report.png: neither model has a metric." in paths["markdown"].read_text()
-    assert all(np.isnan(r["metric"]) for r in json.loads(paths["json"].read_text())["rows"])
+    assert all(r["metric"] is None for r in json.loads(paths["json"].read_text())["rows"])
 
 
 def test_metric_choice_and_refusals():
