@@ -104,6 +104,25 @@ def test_a_teacher_run_outside_torch_takes_figures_measured_elsewhere_and_latenc
         build_report([ModelEntry("teacher", mlp(), "teacher", metric=0.9, measured={"weights": 1})], x)
 
 
+def test_timings_of_a_report_are_interleaved_round_by_round():
+    from kd_tasks.shared.report import time_interleaved
+
+    calls = []
+
+    class Tag(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    x = torch.zeros(1, 3)
+    times = time_interleaved([Tag("a"), Tag("b")], [x, x], warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4 and len(times) == 2 and all(t >= 0 for t in times)
+
+
 def test_report_needs_one_teacher():
     from kd_tasks.shared.errors import KDConfigError
 

@@ -10,7 +10,8 @@ int8 copy -- :func:`build_report` measures on the task's evaluation data:
 - ``size_bytes``: size on disk of the ``state_dict`` written by ``torch.save`` (what a checkpoint of
   the model costs; works for dynamically quantised models too);
 - ``latency_ms``: batch-1 forward time in ``torch.inference_mode``, median of ``repeats`` timed calls
-  after ``warmup`` untimed ones (CUDA: synchronised around each call);
+  after ``warmup`` untimed ones (CUDA: synchronised around each call); the models of one report are timed
+  in interleaved rounds (each model once per round), so their ratios see the same machine load;
 - ``throughput``: inputs per second at ``batch_size`` (same protocol);
 - ``peak_bytes``: weights + the largest total size of the tensors alive at once during a forward
   pass at ``batch_size`` (tracked per operation with a ``TorchDispatchMode``; the input excluded) --
@@ -215,26 +216,58 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _inputs(model: nn.Module, example: Any, batch_size: int) -> tuple[Any, Any]:
+    """``example`` repeated to ``batch_size`` on the model's device, and its first sample (batch 1)."""
+    big = _to(repeat_to(example, batch_size), _device_of(model))
+    return big, _slice(big, 1)
+
+
+def _static(model: nn.Module, big: Any) -> dict:
+    """The figures that do not depend on time: parameters, FLOPs per input, size on disk, peak memory."""
+    return {"params": count_params(model), "flops": count_flops(model, big), "size_bytes": size_on_disk(model),
+            "peak_bytes": weight_bytes(model) + peak_forward_bytes(model, big)}
+
+
+def time_interleaved(models: Sequence[nn.Module], inputs: Sequence[Any], *, warmup: int = 5,
+                     repeats: int = 30) -> list[float]:
+    """Median seconds of one forward pass of each model on its inputs, timed in rounds -- every round calls
+    each model once, in turn -- so a change in the machine's load hits all of them alike (timing one model
+    after the other would put a busy minute on one side of the ratio). ``warmup`` untimed rounds first."""
+    times: list[list[float]] = [[] for _ in models]
+    for i in range(warmup + repeats):
+        for k, (model, x) in enumerate(zip(models, inputs)):
+            t = time_forward(model, x, warmup=0, repeats=1)
+            if i >= warmup:
+                times[k].append(t)
+    return [statistics.median(t) for t in times]
+
+
 def measure(model: nn.Module, example: Any, *, batch_size: int = 256, warmup: int = 5, repeats: int = 30) -> dict:
     """Parameters, FLOPs per input, size on disk, batch-1 latency, throughput at ``batch_size`` and peak
     memory of ``model`` on ``example`` inputs (a batch; repeated to ``batch_size``), in eval mode on the
     model's device."""
-    was = model.training
-    model.eval()
-    device = _device_of(model)
-    big = _to(repeat_to(example, batch_size), device)
-    one = _slice(big, 1)
+    return measure_all([model], [example], batch_size=batch_size, warmup=warmup, repeats=repeats)[0]
+
+
+def measure_all(models: Sequence[nn.Module], examples: Sequence[Any], *, batch_size: int = 256, warmup: int = 5,
+                repeats: int = 30) -> list[dict]:
+    """:func:`measure` for several models at once, their timings interleaved (:func:`time_interleaved`), so
+    the latency and throughput ratios between them are measured under the same load."""
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
-        flops = count_flops(model, big)
-        latency = time_forward(model, one, warmup=warmup, repeats=repeats)
-        batch_time = time_forward(model, big, warmup=max(1, warmup // 2), repeats=max(3, repeats // 3))
-        peak = weight_bytes(model) + peak_forward_bytes(model, big)
+        pairs = [_inputs(m, x, batch_size) for m, x in zip(models, examples)]
+        out = [_static(m, big) for m, (big, _) in zip(models, pairs)]
+        latency = time_interleaved(models, [one for _, one in pairs], warmup=warmup, repeats=repeats)
+        batch = time_interleaved(models, [big for big, _ in pairs], warmup=max(1, warmup // 2),
+                                 repeats=max(3, repeats // 3))
     finally:
-        model.train(was)
-    return {
-        "params": count_params(model), "flops": flops, "size_bytes": size_on_disk(model),
-        "latency_ms": 1000 * latency, "throughput": batch_size / batch_time, "peak_bytes": peak,
-    }
+        for m, w in zip(models, was):
+            m.train(w)
+    for row, lat, bt in zip(out, latency, batch):
+        row.update(latency_ms=1000 * lat, throughput=batch_size / bt)
+    return out
 
 
 # ----------------------------------------------------------------------------- scores
@@ -330,7 +363,7 @@ class Report:
             metric = _pct(r["metric"], r.get("metric_std"))
             pareto = "/".join(k for k, flag in (("size", r["pareto_size"]), ("latency", r["pareto_latency"])) if flag) or "-"
             lines.append("| " + " | ".join([
-                r["name"], r["role"], _count(r['params']), f"{r['flops'] / 1e6:.3f}", _bytes(r["size_bytes"]),
+                r["name"], r["role"], _count(r['params']), _mflops(r["flops"]), _bytes(r["size_bytes"]),
                 f"{r['latency_ms']:.3f} ms", f"{r['throughput']:,.0f}/s", _bytes(r["peak_bytes"]), metric,
                 f"{100 * r['retained']:.1f}%", f"{r['speedup']:.1f}x ({r['speedup_latency']:.1f}x)",
                 f"{r['fom']:+.2f}", pareto]) + " |")
@@ -350,7 +383,7 @@ class Report:
         out = [head]
         for r in self.rows:
             pareto = "/".join(k for k, flag in (("size", r["pareto_size"]), ("lat", r["pareto_latency"])) if flag) or "-"
-            out.append(f"{r['name']:<{w}}{_count(r['params']):>9}{r['flops'] / 1e6:>9.3f}{_bytes(r['size_bytes']):>10}"
+            out.append(f"{r['name']:<{w}}{_count(r['params']):>9}{_mflops(r['flops']):>9}{_bytes(r['size_bytes']):>10}"
                        f"{r['latency_ms']:>8.3f}ms{_bytes(r['peak_bytes']):>10}  {_pct(r['metric'], r.get('metric_std')):>16}"
                        f"{100 * r['retained']:>7.1f}%{r['speedup']:>9.1f}x{r['fom']:>+7.2f}  {pareto}")
         out.append(f"(timings: {self.device}, {self.threads} thread(s), median of repeats after warm-up; speed-up = "
@@ -372,6 +405,10 @@ class Report:
 def _pct(metric: float, std: float | None) -> str:
     text = f"{100 * metric:.2f}"
     return f"{text} ± {100 * std:.2f} %" if std is not None else f"{text} %"
+
+
+def _mflops(n: float) -> str:
+    return f"{n / 1e6:.3f}" if math.isfinite(n) else "n/a"
 
 
 def _count(n: float) -> str:
@@ -409,10 +446,11 @@ def build_report(entries: Sequence[ModelEntry], example: Any, *, metric_name: st
             raise KDConfigError(f"report entry {e.name!r} has no metric and no metric_fn was given")
     rows = []
     by_name: dict[str, dict] = {}
-    for e in entries:
-        inputs = e.example if e.example is not None else example
-        row = {"name": e.name, "role": e.role, "note": e.note, **measure(e.model, inputs, batch_size=batch_size,
-                                                                          warmup=warmup, repeats=repeats)}
+    measured = measure_all([e.model for e in entries], [e.example if e.example is not None else example
+                                                        for e in entries],
+                           batch_size=batch_size, warmup=warmup, repeats=repeats)
+    for e, figures in zip(entries, measured):
+        row = {"name": e.name, "role": e.role, "note": e.note, **figures}
         if e.flops_from is not None and e.flops_from in by_name:
             row["flops"] = by_name[e.flops_from]["flops"]
         if e.measured:
