@@ -508,6 +508,17 @@ ROLE_STYLE = {"teacher": ("tab:red", "s"), "student": ("tab:blue", "o"), "baseli
               "assistant": ("tab:purple", "D"), "quantized": ("tab:green", "v")}
 
 
+def _plain_log_ticks(axis) -> None:
+    """Log-axis labels at 1, 2 and 5 times the powers of ten, written plainly (``20``, not ``2 x 10^1``), so
+    an axis spanning less than a decade still has readable labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    axis.set_major_formatter(plain)
+    axis.set_minor_formatter(plain)
+
+
 def plot_pareto(report: Report, path: str | Path) -> Path:
     """Two panels, metric against size on disk and against batch-1 latency (log x), every model marked by
     role, the Pareto front drawn as a step line and its members ringed. Written as PNG."""
@@ -529,14 +540,15 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
             xs, ys = zip(*front)
             ax.step(xs, ys, where="post", color="k", lw=1, ls="--", label="Pareto front", zorder=2)
         ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
         ax.set_xlabel(label)
         ax.set_ylabel(f"{report.metric_name} (%)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     for role, (color, marker) in ROLE_STYLE.items():
         if any(r["role"] == role for r in report.rows):
             axes[0].scatter([], [], c=color, marker=marker, label=role)
-    axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"{report.metric_name} vs size and latency ({report.device})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
