@@ -47,6 +47,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .distiller import call_model
+
 ROLES = ("teacher", "student", "baseline", "assistant", "quantized")
 
 
@@ -63,12 +65,13 @@ def count_params(model: nn.Module) -> int:
     return n
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def _each(inputs: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a batch: a tensor, a tuple/list of them or a mapping of them."""
     if isinstance(inputs, Mapping):
-        return model(**inputs)
+        return {k: fn(v) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return type(inputs)(fn(v) for v in inputs)
+    return fn(inputs)
 
 
 def _batch_of(inputs: Any) -> int:
@@ -77,19 +80,11 @@ def _batch_of(inputs: Any) -> int:
 
 
 def _slice(inputs: Any, n: int) -> Any:
-    if isinstance(inputs, Mapping):
-        return {k: v[:n] for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(v[:n] for v in inputs)
-    return inputs[:n]
+    return _each(inputs, lambda t: t[:n])
 
 
 def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Mapping):
-        return {k: v.to(device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(v.to(device) for v in inputs)
-    return inputs.to(device)
+    return _each(inputs, lambda t: t.to(device))
 
 
 def repeat_to(inputs: Any, n: int) -> Any:
@@ -98,11 +93,7 @@ def repeat_to(inputs: Any, n: int) -> Any:
         times = math.ceil(n / t.shape[0])
         return t.repeat(times, *([1] * (t.dim() - 1)))[:n]
 
-    if isinstance(inputs, Mapping):
-        return {k: rep(v) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(rep(v) for v in inputs)
-    return rep(inputs)
+    return _each(inputs, rep)
 
 
 def _cpu_attention_flops() -> dict:
@@ -126,7 +117,7 @@ def count_flops(model: nn.Module, inputs: Any) -> float:
     model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
     with torch.inference_mode(), counter:
-        _call(model, inputs)
+        call_model(model, inputs)
     model.train(was)
     return counter.get_total_flops() / _batch_of(inputs)
 
@@ -151,7 +142,7 @@ def time_forward(model: nn.Module, inputs: Any, *, warmup: int = 5, repeats: int
         for i in range(warmup + repeats):
             _sync(device)
             t0 = time.perf_counter()
-            _call(model, inputs)
+            call_model(model, inputs)
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -196,7 +187,7 @@ def peak_forward_bytes(model: nn.Module, inputs: Any) -> int:
 
     tracker = Tracker()
     with torch.inference_mode(), tracker:
-        _call(model, inputs)
+        call_model(model, inputs)
     return tracker.peak
 
 
