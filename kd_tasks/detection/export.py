@@ -240,25 +240,6 @@ def _custom_ops(path: Path) -> list[str]:
     return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
 
 
-def _compare(got: Sequence[Any], ref: Sequence[torch.Tensor], names: Sequence[str], atol: float,
-             rtol: float) -> tuple[float, str | None]:
-    """Largest absolute difference over all outputs, and the first output outside the tolerance (or None)."""
-    import numpy as np
-
-    if len(got) != len(ref):
-        return float("inf"), f"{len(got)} outputs instead of {len(ref)}"
-    worst, bad = 0.0, None
-    for name, g, r in zip(names, got, ref):
-        r = r.detach().cpu().numpy()
-        if g.shape != r.shape:
-            return float("inf"), f"{name}: shape {tuple(g.shape)} instead of {tuple(r.shape)}"
-        diff = float(np.max(np.abs(g - r))) if r.size else 0.0
-        worst = max(worst, diff)
-        if bad is None and not np.allclose(g, r, atol=atol, rtol=rtol):
-            bad = f"{name} (max |diff| {diff:.3g})"
-    return worst, bad
-
-
 def export_detector_onnx(detector: nn.Module, example: torch.Tensor, path: str | Path, *, atol: float = 1e-3,
                          rtol: float = 1e-3, opset: int = 17, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Export ``detector``'s tensor forward (:class:`TensorForward`) to ``path`` and check it.
@@ -272,7 +253,7 @@ def export_detector_onnx(detector: nn.Module, example: torch.Tensor, path: str |
     cannot run, is named in one line. Writes ``<stem>_onnx.json`` next to the file (inputs, outputs, what the
     graph is and is not, the measured difference, ``meta``); returns that record.
     """
-    from kd_tasks.shared.export import export_onnx, run_onnx
+    from kd_tasks.shared.export import compare_outputs, export_onnx, run_onnx
 
     path = Path(path)
     example = example.detach().float().cpu()
@@ -312,13 +293,13 @@ def export_detector_onnx(detector: nn.Module, example: torch.Tensor, path: str |
     second = _second_shape(example)
     try:
         ref2 = _flatten(_tensor_forward(detector, second))
-        _, bad2 = _compare(run_onnx(path, second), ref2, names, atol, rtol)
+        _, bad2 = compare_outputs(run_onnx(path, second), ref2, names, atol, rtol)
     except Exception as e:  # noqa: BLE001 -- a graph that bakes in its shapes: written again with fixed ones
         bad2 = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if bad2 is not None:
         dynamic, why_static = False, f"at shape {tuple(second.shape)} the dynamic graph gave {bad2}"
         write(dynamic=False)
-    worst, bad = _compare(run_onnx(path, example), reference, names, atol, rtol)
+    worst, bad = compare_outputs(run_onnx(path, example), reference, names, atol, rtol)
     if bad is not None:
         path.unlink()
         raise KDConfigError(f"the ONNX export of {type(detector).__name__} differs from PyTorch beyond the tolerance "

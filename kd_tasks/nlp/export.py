@@ -68,23 +68,14 @@ def _smaller(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _compare(model: nn.Module, path: str, inputs: Mapping[str, torch.Tensor], names: tuple[str, ...],
              session: Any, atol: float, rtol: float) -> float:
-    import numpy as np
-
-    from ..shared.export import run_onnx
+    from ..shared.export import compare_outputs, run_onnx
 
     with torch.no_grad():
         ref = model(**inputs)
-    got = run_onnx(path, inputs, session)
-    worst = 0.0
-    for name, value in zip(names, got):
-        want = ref[name].detach().cpu().numpy()
-        if value.shape != want.shape:
-            raise KDConfigError(f"ONNX export {path!r}: {name} has shape {value.shape}, PyTorch {want.shape} "
-                                f"(inputs {tuple(inputs['input_ids'].shape)})")
-        diff = float(np.max(np.abs(value - want))) if want.size else 0.0
-        if not np.allclose(value, want, atol=atol, rtol=rtol):
-            raise KDConfigError(f"ONNX export {path!r}: {name} differs from PyTorch by up to {diff:.3g} (atol {atol:g})")
-        worst = max(worst, diff)
+    worst, bad = compare_outputs(run_onnx(path, inputs, session), [ref[name] for name in names], names, atol, rtol)
+    if bad is not None:
+        raise KDConfigError(f"ONNX export {path!r}: {bad} (atol {atol:g}, rtol {rtol:g}; inputs "
+                            f"{tuple(inputs['input_ids'].shape)})")
     return worst
 
 

@@ -124,6 +124,27 @@ def run_onnx(path: str | Path, example: Any, session: Any = None) -> list:
     return sess.run(None, feeds)
 
 
+def compare_outputs(got: Sequence[Any], ref: Sequence[Any], names: Sequence[str], atol: float,
+                    rtol: float) -> tuple[float, str | None]:
+    """onnxruntime outputs ``got`` against the PyTorch outputs ``ref`` (tensors or arrays), output by output:
+    the largest absolute difference over all of them, and the first problem (a count or shape that differs,
+    or an output outside ``np.allclose(atol, rtol)``), or ``None`` when they agree."""
+    import numpy as np
+
+    if len(got) != len(ref):
+        return float("inf"), f"{len(got)} outputs instead of {len(ref)}"
+    worst, bad = 0.0, None
+    for name, g, r in zip(names, got, ref):
+        r = r.detach().cpu().numpy() if isinstance(r, torch.Tensor) else np.asarray(r)
+        if g.shape != r.shape:
+            return float("inf"), f"{name}: shape {tuple(g.shape)} instead of {tuple(r.shape)}"
+        diff = float(np.max(np.abs(g - r))) if r.size else 0.0
+        worst = max(worst, diff)
+        if bad is None and not np.allclose(g, r, atol=atol, rtol=rtol):
+            bad = f"{name} differs from PyTorch by up to {diff:.3g}"
+    return worst, bad
+
+
 def check_onnx(model: nn.Module, example: Any, path: str | Path, *, atol: float = 1e-4, rtol: float = 1e-3) -> float:
     """Run the export with onnxruntime and the model with PyTorch on ``example``; return the largest absolute
     difference of the first output, or raise :class:`KDConfigError` if they differ beyond the tolerances."""
@@ -159,4 +180,4 @@ def has_quantizable_layers(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Linear, nn.LSTM, nn.GRU)) for m in model.modules())
 
 
-__all__ = ["export_onnx", "check_onnx", "run_onnx", "onnx_session", "quantize_dynamic_int8", "has_quantizable_layers"]
+__all__ = ["export_onnx", "check_onnx", "compare_outputs", "run_onnx", "onnx_session", "quantize_dynamic_int8", "has_quantizable_layers"]
