@@ -274,7 +274,8 @@ def run_embeddings(encoder_dir: str, l3_encoder, splits, args) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     from kd_tasks.nlp.extract import extract_student
-    from kd_tasks.nlp.report import count_parameters, cpu_latency_ms
+    from kd_tasks.nlp.report import cpu_latency_ms
+    from kd_tasks.shared.report import count_params as count_parameters
 
     tok = AutoTokenizer.from_pretrained(encoder_dir)
     teacher = AutoModel.from_pretrained(encoder_dir).eval()

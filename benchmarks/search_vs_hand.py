@@ -36,6 +36,7 @@ from torch import nn  # noqa: E402
 
 from kd_tasks import search  # noqa: E402
 from kd_tasks.classify import accuracy, build_model, digits  # noqa: E402
+from kd_tasks.demo import paired_verdict  # noqa: E402
 from kd_tasks.shared.config import distiller_from_config  # noqa: E402
 from kd_tasks.shared.distiller import Distiller  # noqa: E402
 from kd_tasks.shared.report import count_flops, figure_of_merit  # noqa: E402
@@ -56,13 +57,9 @@ def fit(scheme: nn.Module, train_set, out: str, epochs: float, seed: int, batch_
     return Trainer(scheme, train_set, cfg).fit().model
 
 
-def verdict(diffs: list[float]) -> str:
-    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    if mean > 2 * sd:
-        return "gain shown"
-    if mean < -2 * sd:
-        return "loss shown"
-    return "no effect shown"
+def verdict(alone: list[float], kd: list[float]) -> str:
+    v = paired_verdict(alone, kd)
+    return "gain shown" if v["gain_shown"] else "loss shown" if v["loss_shown"] else "no effect shown"
 
 
 def pm(xs: list[float]) -> str:
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [k - s for k, s in zip(kd, alone)]
         rows.append({"name": name, "source": "search (Pareto)" if name in pareto else "hand-picked",
                      "params": sum(p.numel() for p in student.parameters()), "flops": flops, "alone": alone, "kd": kd,
-                     "diffs": diffs, "verdict": verdict(diffs),
+                     "diffs": diffs, "verdict": verdict(alone, kd),
                      "fom_kd": figure_of_merit(statistics.mean(kd) / t_acc, t_flops / flops)})
 
     lines = [f"teacher {sargs.teacher}: val accuracy {100 * t_acc:.2f} %, {t_flops / 1e6:.3f} MFLOPs; students "

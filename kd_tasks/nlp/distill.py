@@ -657,9 +657,8 @@ def run(args: argparse.Namespace) -> dict:
     student_metrics = _metrics_only(trainer.evaluate())
     _say(f"student on validation: {json.dumps(student_metrics)}")
     onnx = None
-    want_quantized = args.quantize and not args.no_report
     saved = None
-    if (args.export == "onnx" or want_quantized) and _is_main_process():
+    if (args.export == "onnx" or args.quantize) and _is_main_process():  # --quantize implies a report (checked)
         saved = _load("saved student", args.output_dir, lambda: load_model(args.output_dir, spec.task_type, "student"))
     if args.export == "onnx" and _is_main_process():
         from .export import export_student_onnx
@@ -672,7 +671,7 @@ def run(args: argparse.Namespace) -> dict:
         return {}
 
     quantized = quantized_metrics = None
-    if want_quantized:
+    if args.quantize:
         from ..shared.export import quantize_dynamic_int8
 
         quantized = quantize_dynamic_int8(saved)

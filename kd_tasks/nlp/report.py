@@ -285,13 +285,6 @@ def on_cpu(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to("cpu")
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (tied weights counted once): :func:`kd_tasks.shared.report.count_params`."""
-    from ..shared.report import count_params
-
-    return count_params(model)
-
-
 def cpu_latency_ms(model: nn.Module, batch: Mapping[str, torch.Tensor], repeats: int = 10, warmup: int = 2) -> float:
     """Median milliseconds of one forward of ``batch`` on the CPU in eval mode (a CPU copy of a model elsewhere),
     timed by :func:`kd_tasks.shared.report.time_forward`."""

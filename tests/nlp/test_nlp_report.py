@@ -10,9 +10,10 @@ import torch
 import transformers
 from nlp_helpers import tiny_config
 
-from kd_tasks.nlp.report import (compression_report, count_parameters, cpu_latency_ms, format_report, metric_fraction,
+from kd_tasks.nlp.report import (compression_report, cpu_latency_ms, format_report, metric_fraction,
                                   task_metrics)
 from kd_tasks.shared.export import quantize_dynamic_int8
+from kd_tasks.shared.report import count_params
 
 
 def test_classification_metrics_on_a_hand_made_case():
@@ -81,7 +82,7 @@ def test_report_ratios_and_table():
                                         task_type="classification", example=batch, quantized=q,
                                         quantized_metrics={"accuracy": 0.72}, batch_size=4, warmup=1, repeats=3)
     t, s = report["teacher"], report["student"]
-    assert t["parameters"] == count_parameters(big) == sum(p.numel() for p in big.parameters())
+    assert t["parameters"] == count_params(big) == sum(p.numel() for p in big.parameters())
     assert s["parameters"] == sum(p.numel() for p in small.parameters())
     assert t["size_bytes"] == _state_dict_bytes(big) and s["size_bytes"] == _state_dict_bytes(small)
     assert report["quantized"]["size_bytes"] == _state_dict_bytes(q) < 0.8 * s["size_bytes"]
